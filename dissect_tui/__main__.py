@@ -1,0 +1,3 @@
+from dissect_tui.cli import main
+
+raise SystemExit(main())
