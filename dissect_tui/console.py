@@ -1,0 +1,109 @@
+"""Terminal output for the long-running commands: rich progress bars and summaries on stderr.
+
+Implements indexer.ProgressSink; stdout stays free for what scripts consume (the cache path).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from dissect_tui.indexer import IndexResult
+
+stderr = Console(stderr=True)
+
+
+class _Rate(TextColumn):
+    """items/s of a task, with its unit."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "items")
+        return f"{speed:,.0f} {unit}/s" if speed else ""
+
+
+class RichProgress:
+    """One bar per stage; `quiet` keeps only warnings."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._progress = Progress(
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=quiet,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RichProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def start(self, stage: str, total: int | None, unit: str = "items") -> None:
+        self._tasks[stage] = self._progress.add_task(stage, total=total, unit=unit)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        if stage in self._tasks:
+            self._progress.advance(self._tasks[stage], n)
+
+    def finish(self, stage: str) -> None:
+        if stage in self._tasks:
+            task = self._tasks[stage]
+            total = self._progress.tasks[task].total
+            if total is not None:
+                self._progress.update(task, completed=total)
+            self._progress.stop_task(task)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self._progress.console.print(f"[yellow]note:[/] {message}")
+
+
+def print_summary(result: IndexResult, quiet: bool = False) -> None:
+    if quiet:
+        return
+    table = Table(title=f"run {result.run_id}: {result.path}", title_justify="left")
+    table.add_column("layer")
+    table.add_column("neurons", justify="right")
+    table.add_column("interpretable", justify="right")
+    table.add_column("most common labels")
+    for s in result.layers:
+        share = 100.0 * s.n_interpretable / s.n_units if s.n_units else 0.0
+        labels = ", ".join(f"{label} ({count})" for label, count in s.common_labels)
+        table.add_row(s.layer, f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", labels)
+    stderr.print(table)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    rate = f"; {result.images_per_second:,.0f} img/s through the models" if result.images_per_second else ""
+    stderr.print(f"time per stage: {stages}{rate}")
+    ok = result.n_images - result.n_failed
+    stderr.print(f"images: {ok:,} decoded, {result.n_failed:,} skipped")
+    for path, error in result.failed_examples:
+        stderr.print(f"  skipped {path}: {error}")
+    if result.n_failed > len(result.failed_examples):
+        stderr.print("  (all skipped images: SELECT path, error FROM images WHERE NOT ok)")
+    for note in result.notes:
+        stderr.print(f"note: {note}")

@@ -1,0 +1,680 @@
+"""The CLIP-Dissect pipeline: probe images -> activations + embeddings -> scores -> one DuckDB cache.
+
+Stages (each timed and reported through a ProgressSink, never printed here):
+  images    decode every probe image once; target forward with hooks + CLIP image tower
+  concepts  CLIP text tower over the concept set (texts already in the cache are reused)
+  scoring   similarity per layer without materialising N×M P or Q (dissect_tui.scoring)
+  write     everything into a temporary DuckDB file, renamed into place at the end
+
+`relabel` reruns only `concepts` (for new texts), `scoring` and `write` from a cache.
+This module imports no UI code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dissect_tui import scoring
+from dissect_tui.concepts import DEFAULT_CONCEPT_SET, ConceptSet, load_concepts
+from dissect_tui.errors import CacheError, UserError
+from dissect_tui.similarity import SIMILARITIES
+from dissect_tui.store import CacheWriter, cache_name, open_cache
+from dissect_tui.store.reader import CacheReader
+
+DEFAULT_CLIP = "ViT-B-16:openai"
+DEFAULT_PROBE = "cifar100"
+DEFAULT_CUTOFF = 0.16
+IMAGE_CONCEPTS_TOP = 5  # best concepts stored per image (image_concepts), for SQL and the browser
+
+
+class ProgressSink(Protocol):
+    def start(self, stage: str, total: int | None, unit: str = "items") -> None: ...
+    def advance(self, stage: str, n: int = 1) -> None: ...
+    def finish(self, stage: str) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class NullProgress:
+    def start(self, stage: str, total: int | None, unit: str = "items") -> None:
+        pass
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        pass
+
+    def finish(self, stage: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class IndexSettings:
+    model: str
+    weights: str | None = None
+    layers: list[str] | None = None
+    probe: list[str] = field(default_factory=lambda: [DEFAULT_PROBE])
+    concepts: str = DEFAULT_CONCEPT_SET
+    clip: str = DEFAULT_CLIP
+    template: str | None = None  # e.g. "a photo of {}"; concepts are encoded as written by default
+    pool: str = "mean"
+    similarity: str = "soft_wpmi"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    cutoff: float = DEFAULT_CUTOFF
+    top_images: int = 100
+    top_concepts: int = 100
+    thumbnail_top: int = 10
+    thumbnail_px: int = 96
+    db: Path | None = None
+    cache_dir: Path = Path("cache")
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else Path(self.cache_dir) / f"{cache_name(self.model)}.duckdb"
+
+
+@dataclass
+class LayerSummary:
+    layer: str
+    n_units: int
+    n_interpretable: int
+    common_labels: list[tuple[str, int]]
+
+
+@dataclass
+class IndexResult:
+    path: Path
+    run_id: int
+    n_images: int
+    n_failed: int
+    failed_examples: list[tuple[str, str]]
+    layers: list[LayerSummary]
+    stage_seconds: dict[str, float]
+    images_per_second: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- small helpers ------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    return precision
+
+
+def check_similarity(name: str) -> None:
+    if name not in SIMILARITIES:
+        raise UserError(f"unknown similarity {name!r}: use one of {', '.join(SIMILARITIES)}")
+
+
+@contextmanager
+def _stage(times: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def encode_concepts(
+    texts: list[str],
+    clip_key: str,
+    cached: dict[str, np.ndarray],
+    load_clip_model,
+    template: str | None,
+    progress: ProgressSink,
+) -> tuple[np.ndarray, int]:
+    """Embeddings [M, D] for texts, encoding only those not in ``cached`` (text -> emb).
+
+    ``load_clip_model`` is called only when something must be encoded, so a relabel with
+    known concepts works without the CLIP weights. Returns (embeddings, number encoded).
+    """
+    missing = [t for t in texts if t not in cached]
+    if missing:
+        clip_model = load_clip_model()
+        progress.start("concepts", len(missing), "texts")
+        prompts = [template.format(t) for t in missing] if template else missing
+        emb = clip_model.encode_texts(prompts, on_batch=lambda n: progress.advance("concepts", n))
+        progress.finish("concepts")
+        for text, vec in zip(missing, emb.cpu().numpy().astype(np.float32), strict=True):
+            cached[text] = vec
+    return np.stack([cached[t] for t in texts]), len(missing)
+
+
+def image_concept_summary(
+    image_emb: torch.Tensor, concept_emb: torch.Tensor, a: float, top: int = IMAGE_CONCEPTS_TOP, chunk: int = 2048
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: its best concepts by P (cosine) and logsumexp(a·P) over the set, in row chunks."""
+    n = image_emb.shape[0]
+    top = min(top, concept_emb.shape[0])
+    ids = np.empty((n, top), dtype=np.int64)
+    sims = np.empty((n, top), dtype=np.float32)
+    lse = np.empty(n, dtype=np.float32)
+    t = concept_emb.T.contiguous()
+    for s in range(0, n, chunk):
+        p = image_emb[s : s + chunk] @ t
+        v, i = p.topk(top, dim=1)
+        ids[s : s + chunk] = i.cpu().numpy()
+        sims[s : s + chunk] = v.float().cpu().numpy()
+        lse[s : s + chunk] = torch.logsumexp(p * a, dim=1).float().cpu().numpy()
+    return ids, sims, lse
+
+
+def _hyperparameters(similarity: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The paper's defaults of a similarity function merged with user overrides."""
+    import inspect
+
+    fn = SIMILARITIES[similarity]
+    params = {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in ("acts", "P")
+    }
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise UserError(
+            f"unknown hyperparameter(s) {', '.join(sorted(unknown))} for {similarity}: "
+            f"valid ones are {', '.join(sorted(params)) or 'none'}"
+        )
+    params.update(overrides)
+    return {k: v for k, v in params.items() if not callable(v)}
+
+
+def _softmax_temperature(similarity: str, hp: dict[str, Any]) -> float:
+    """The `a` used for per-image logsumexp (free-text queries use SoftWPMI's a=10 otherwise)."""
+    return float(hp.get("a", 10.0)) if similarity in ("wpmi", "soft_wpmi") else 10.0
+
+
+def summarize_layer(layer: str, labels: list[str], scores: np.ndarray, cutoff: float) -> LayerSummary:
+    return LayerSummary(
+        layer=layer,
+        n_units=len(labels),
+        n_interpretable=int((scores > cutoff).sum()),
+        common_labels=Counter(labels).most_common(3),
+    )
+
+
+def _score_and_write_layers(
+    writer: CacheWriter,
+    run_id: int,
+    layers: list[str],
+    get_acts,
+    image_emb: torch.Tensor,
+    concept_emb: torch.Tensor,
+    concept_ids: np.ndarray,
+    texts: list[str],
+    similarity: str,
+    hp: dict[str, Any],
+    cutoff: float,
+    top_concepts: int,
+    progress: ProgressSink,
+    times: dict[str, float],
+    device: torch.device,
+) -> list[LayerSummary]:
+    summaries = []
+    progress.start("scoring", len(layers), "layers")
+    for layer in layers:
+        with _stage(times, "scoring"):
+            acts = get_acts(layer).to(device)
+            result = scoring.score_layer(
+                acts, image_emb, concept_emb, method=similarity, top_concepts=min(top_concepts, len(texts)), **hp
+            )
+            top_c = result.top_concepts.cpu().numpy()
+            top_s = result.top_scores.float().cpu().numpy()
+        with _stage(times, "write"):
+            labels = [texts[i] for i in top_c[:, 0]]
+            writer.write_neurons(run_id, layer, labels, concept_ids[top_c[:, 0]], top_s[:, 0], cutoff)
+            writer.write_neuron_concepts(run_id, layer, concept_ids[top_c], top_s)
+        summaries.append(summarize_layer(layer, labels, top_s[:, 0], cutoff))
+        progress.advance("scoring", 1)
+    progress.finish("scoring")
+    return summaries
+
+
+def _reuse_concept_embeddings(path: Path, clip_key: str, texts: list[str]) -> dict[str, np.ndarray]:
+    """Embeddings of these texts from an existing cache at path (same text tower), if any."""
+    if not path.exists():
+        return {}
+    try:
+        with open_cache(path) as old:
+            return _stored_concept_embeddings(old, clip_key, texts)
+    except CacheError:
+        return {}
+
+
+def _stored_concept_embeddings(reader: CacheReader, clip_key: str, texts: list[str]) -> dict[str, np.ndarray]:
+    cols, rows = reader.query("SELECT concept_id, text FROM concepts")
+    by_text = {text: cid for cid, text in rows}
+    wanted = [t for t in texts if t in by_text]
+    if not wanted:
+        return {}
+    try:
+        emb = reader.concept_embeddings(clip_key, np.array([by_text[t] for t in wanted]))
+    except CacheError:
+        # some are missing: take the ones that exist
+        _, present = reader.query("SELECT concept_id FROM concept_embeddings WHERE clip_key = ?", [clip_key])
+        have = {r[0] for r in present}
+        wanted = [t for t in wanted if by_text[t] in have]
+        if not wanted:
+            return {}
+        emb = reader.concept_embeddings(clip_key, np.array([by_text[t] for t in wanted]))
+    return dict(zip(wanted, emb, strict=True))
+
+
+# -- index ------------------------------------------------------------------------------
+def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> IndexResult:
+    from dissect_tui.clip_backend import load_clip
+    from dissect_tui.probe import iter_batches, resolve_probe
+    from dissect_tui.targets import LayerRecorder, final_linear, load_target, resolve_layers
+
+    progress = progress or NullProgress()
+    times: dict[str, float] = {}
+    notes: list[str] = []
+    s = settings
+    if s.pool not in ("mean", "max"):
+        raise UserError(f"unknown pooling {s.pool!r}: use mean or max")
+    check_similarity(s.similarity)
+    hp = _hyperparameters(s.similarity, s.hyperparameters)
+    device = resolve_device(s.device)
+    precision = resolve_precision(s.precision, device)
+    final_path = s.db_path()
+
+    # Cheap validation first, so a typo fails before minutes of model loading.
+    with _stage(times, "setup"):
+        concept_set: ConceptSet = load_concepts(s.concepts)
+        if (msg := concept_set.describe_dropped()) is not None:
+            progress.note(msg)
+            notes.append(msg)
+        probe = resolve_probe(s.probe, Path(s.cache_dir))
+        target = load_target(s.model, s.weights)
+        layers = resolve_layers(target.model, s.layers, target.default_layers)
+        clip_model = load_clip(s.clip, device=str(device), precision=precision)
+
+    batch_size = s.batch_size or (256 if device.type == "cuda" else 32)
+    workers = s.workers if s.workers is not None else min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    model = target.model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    # -- images: one decode, both forwards ---------------------------------------------
+    n = len(probe)
+    acts_chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    emb_chunks: list[torch.Tensor] = []
+    ok_chunks: list[torch.Tensor] = []
+    thumbs: dict[int, tuple[bytes, int, int]] = {}
+    sizes: list[tuple[int, int] | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    layer_shapes: dict[str, str] = {}
+    progress.start("images", n, "img")
+    with _stage(times, "images"), LayerRecorder(model, layers, pool=s.pool) as recorder, torch.inference_mode():
+
+        def forward(x_t: torch.Tensor, x_c: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            try:
+                with _autocast(device, precision):
+                    model(x_t)
+                out = {k: v.float() for k, v in recorder.pop().items()}
+                return out, clip_model.encode_images(x_c)
+            except torch.OutOfMemoryError:
+                if x_t.shape[0] == 1:
+                    raise UserError("out of GPU memory even with batch size 1; use --device cpu") from None
+                torch.cuda.empty_cache()
+                half = x_t.shape[0] // 2
+                progress.note(f"CUDA out of memory: retrying with batches of {half}")
+                a1, e1 = forward(x_t[:half], x_c[:half])
+                a2, e2 = forward(x_t[half:], x_c[half:])
+                return {k: torch.cat([a1[k], a2[k]]) for k in a1}, torch.cat([e1, e2])
+
+        for batch in iter_batches(
+            probe,
+            [target.preprocess, clip_model.preprocess],
+            batch_size=batch_size,
+            workers=workers,
+            thumbnail_px=s.thumbnail_px,
+        ):
+            ids = batch.indices
+            for j, i in enumerate(ids.tolist()):
+                sizes[i] = batch.sizes[j]
+                errors[i] = batch.errors[j]
+                if batch.thumbnails[j] is not None:
+                    thumbs[i] = batch.thumbnails[j]
+            ok = batch.ok
+            if bool(ok.any()):
+                x_t = batch.inputs[0][ok].to(device, non_blocking=True)
+                x_c = batch.inputs[1][ok].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                acts, emb = forward(x_t, x_c)
+                for layer in layers:
+                    acts_chunks[layer].append(acts[layer])
+                emb_chunks.append(emb.float())
+                ok_chunks.append(ids[ok])
+            progress.advance("images", len(ids))
+    progress.finish("images")
+
+    ok_ids = torch.cat(ok_chunks).numpy() if ok_chunks else np.empty(0, dtype=np.int64)
+    n_failed = n - len(ok_ids)
+    failed = [(probe[i].path, errors[i] or "unknown error") for i in range(n) if errors[i] is not None]
+    if len(ok_ids) == 0:
+        raise UserError(f"none of the {n} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})")
+    if len(ok_ids) < 2:
+        raise UserError("at least 2 decodable probe images are needed")
+    acts_all = {layer: torch.cat(acts_chunks[layer]) for layer in layers}
+    del acts_chunks
+    for layer in layers:
+        layer_shapes[layer] = str(list(acts_all[layer].shape[1:]))
+    image_emb = torch.cat(emb_chunks)
+    del emb_chunks
+
+    # -- concepts -------------------------------------------------------------------------
+    texts = concept_set.texts
+    clip_key = clip_model.key if not s.template else f"{clip_model.key}|template={s.template}"
+    with _stage(times, "concepts"):
+        cached = _reuse_concept_embeddings(final_path, clip_key, texts)
+        concept_emb_np, n_encoded = encode_concepts(texts, clip_key, cached, lambda: clip_model, s.template, progress)
+    if n_encoded < len(texts):
+        notes.append(f"reused {len(texts) - n_encoded} concept embeddings from {final_path}")
+    concept_emb = torch.from_numpy(concept_emb_np).to(device)
+
+    # -- scoring + write ------------------------------------------------------------------
+    with CacheWriter(final_path) as writer:
+        with _stage(times, "write"):
+            run_id = writer.add_run(
+                kind="index",
+                target=s.model,
+                target_weights=target.weights,
+                clip_model=clip_model.name,
+                clip_pretrained=clip_model.pretrained,
+                clip_key=clip_key,
+                probe=list(s.probe),
+                n_images=n,
+                n_failed_images=n_failed,
+                concept_set=concept_set.name,
+                n_concepts=len(texts),
+                layers=layers,
+                pool=s.pool,
+                similarity=s.similarity,
+                hyperparameters=hp,
+                cutoff=s.cutoff,
+                device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                precision=precision,
+                batch_size=batch_size,
+                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+            )
+            writer.write_layers(
+                [
+                    {
+                        "layer": layer,
+                        "n_units": acts_all[layer].shape[1],
+                        "module_type": type(target.model.get_submodule(layer)).__name__,
+                        "output_shape": layer_shapes[layer],
+                        "pool": s.pool,
+                    }
+                    for layer in layers
+                ]
+            )
+            writer.write_images([it.path for it in probe], [it.source for it in probe], sizes, errors)
+            concept_ids = writer.concept_ids(texts)
+            writer.write_run_concepts(run_id, concept_ids)
+            writer.write_concept_embeddings(clip_key, concept_ids, concept_emb_np)
+            writer.write_image_embeddings(ok_ids, image_emb.cpu().numpy())
+
+        thumb_ids: set[int] = set()
+        progress.start("top images", len(layers), "layers")
+        for layer in layers:
+            with _stage(times, "scoring"):
+                idx, vals = scoring.top_images(acts_all[layer], n=min(s.top_images, len(ok_ids)))
+                idx_np = ok_ids[idx.cpu().numpy()]
+            with _stage(times, "write"):
+                writer.write_activations(layer, ok_ids, acts_all[layer].cpu().numpy())
+                writer.write_top_images(layer, idx_np, vals.cpu().numpy())
+            thumb_ids.update(idx_np[:, : s.thumbnail_top].reshape(-1).tolist())
+            progress.advance("top images", 1)
+        progress.finish("top images")
+
+        summaries = _score_and_write_layers(
+            writer,
+            run_id,
+            layers,
+            lambda layer: acts_all[layer],
+            image_emb,
+            concept_emb,
+            concept_ids,
+            texts,
+            s.similarity,
+            hp,
+            s.cutoff,
+            s.top_concepts,
+            progress,
+            times,
+            device,
+        )
+        with _stage(times, "scoring"):
+            img_top, img_sims, lse = image_concept_summary(
+                image_emb, concept_emb, _softmax_temperature(s.similarity, hp)
+            )
+        with _stage(times, "write"):
+            writer.write_image_concepts(run_id, ok_ids, concept_ids[img_top], img_sims)
+            writer.write_image_softmax(run_id, ok_ids, lse)
+            writer.write_thumbnails({i: thumbs[i] for i in sorted(thumb_ids) if i in thumbs})
+            linear = final_linear(target)
+            if linear is not None and target.final_layer in layers:
+                w, b = linear
+                input_layer = target.final_layer_input if target.final_layer_input in layers else None
+                writer.write_linear_weights(
+                    target.final_layer,
+                    input_layer,
+                    w.detach().float().cpu().numpy(),
+                    None if b is None else b.detach().float().cpu().numpy(),
+                )
+            stage_seconds = {k: round(v, 3) for k, v in times.items()}
+            writer.update_run(run_id, stage_seconds=stage_seconds)
+            writer.commit()
+    ips = n / times["images"] if times.get("images") else None
+    return IndexResult(
+        path=final_path,
+        run_id=run_id,
+        n_images=n,
+        n_failed=n_failed,
+        failed_examples=failed[:5],
+        layers=summaries,
+        stage_seconds={k: round(v, 3) for k, v in times.items()},
+        images_per_second=ips,
+        notes=notes,
+    )
+
+
+# -- relabel ------------------------------------------------------------------------------
+@dataclass
+class RelabelSettings:
+    db: Path
+    similarity: str | None = None  # default: the previous run's
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    cutoff: float | None = None
+    concepts: str | None = None  # default: the previous run's concept set
+    clip: str | None = None  # where the run's CLIP text weights are on this machine
+    template: str | None = None
+    top_concepts: int = 100
+    device: str = "auto"
+    run: int | None = None  # base run; default the latest
+
+
+def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None) -> IndexResult:
+    """A new run from stored activations and embeddings; no image is read again."""
+    from dissect_tui.clip_backend import load_clip
+
+    progress = progress or NullProgress()
+    times: dict[str, float] = {}
+    notes: list[str] = []
+    s = settings
+    device = resolve_device(s.device)
+    with open_cache(s.db) as check:  # validates the file with clear errors before copying it
+        base = check.run(s.run)
+    similarity = s.similarity or base["similarity"]
+    check_similarity(similarity)
+    same_method = similarity == base["similarity"]
+    hp = _hyperparameters(similarity, {**(base["hyperparameters"] if same_method else {}), **s.hyperparameters})
+    cutoff = base["cutoff"] if s.cutoff is None else s.cutoff
+    concept_spec = s.concepts
+    if concept_spec is not None:
+        concept_set = load_concepts(concept_spec)
+    else:
+        concept_set = None
+    if concept_set is not None and (msg := concept_set.describe_dropped()):
+        progress.note(msg)
+        notes.append(msg)
+
+    with CacheWriter(s.db, base=s.db) as writer:
+        reader = CacheReader(writer.con, s.db)
+        index_run = reader.index_run(base["run_id"])
+        if concept_set is None:
+            _, texts = reader.run_concepts(base["run_id"])
+            set_name = base["concept_set"]
+        else:
+            texts, set_name = concept_set.texts, concept_set.name
+        template = s.template if s.template is not None else _template_of(base)
+        clip_key = index_run["clip_key"] if not template else f"{index_run['clip_key'].split('|')[0]}|template={template}"
+
+        def load_text_tower():
+            spec = s.clip or f"{index_run['clip_model']}:{index_run['clip_pretrained']}"
+            try:
+                return load_clip(spec, device=str(device), precision="fp32")
+            except UserError as exc:
+                raise UserError(
+                    f"{len(texts)} concepts need the CLIP text tower ({spec}): {exc} "
+                    "(pass --clip NAME:/path/to/checkpoint for a local copy)"
+                ) from None
+
+        with _stage(times, "concepts"):
+            cached = _stored_concept_embeddings(reader, clip_key, texts)
+            concept_emb_np, n_encoded = encode_concepts(texts, clip_key, cached, load_text_tower, template, progress)
+        if n_encoded:
+            notes.append(f"encoded {n_encoded} new concept texts")
+        with _stage(times, "write"):
+            image_ids, image_emb_np = reader.image_embeddings()
+            layers = [info.layer for info in reader.layers()]
+            run_id = writer.add_run(
+                kind="relabel",
+                parent_run_id=base["run_id"],
+                **{
+                    k: index_run[k]
+                    for k in (
+                        "target",
+                        "target_weights",
+                        "clip_model",
+                        "clip_pretrained",
+                        "probe",
+                        "n_images",
+                        "n_failed_images",
+                        "pool",
+                        "precision",
+                    )
+                },
+                clip_key=clip_key,
+                concept_set=set_name,
+                n_concepts=len(texts),
+                layers=layers,
+                similarity=similarity,
+                hyperparameters=hp,
+                cutoff=cutoff,
+                device=str(device),
+                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+            )
+            concept_ids = writer.concept_ids(texts)
+            writer.write_run_concepts(run_id, concept_ids)
+            if n_encoded:
+                missing_ids, missing_emb = _missing_embeddings(writer, clip_key, concept_ids, concept_emb_np)
+                writer.write_concept_embeddings(clip_key, missing_ids, missing_emb)
+        image_emb = torch.from_numpy(image_emb_np).to(device)
+        concept_emb = torch.from_numpy(concept_emb_np).to(device)
+
+        def get_acts(layer: str) -> torch.Tensor:
+            ids, acts = reader.layer_activations(layer)
+            if not np.array_equal(ids, image_ids):
+                raise CacheError(f"activations of {layer} and image embeddings disagree on images; rebuild the cache")
+            return torch.from_numpy(acts)
+
+        summaries = _score_and_write_layers(
+            writer,
+            run_id,
+            layers,
+            get_acts,
+            image_emb,
+            concept_emb,
+            concept_ids,
+            texts,
+            similarity,
+            hp,
+            cutoff,
+            s.top_concepts,
+            progress,
+            times,
+            device,
+        )
+        with _stage(times, "scoring"):
+            img_top, img_sims, lse = image_concept_summary(image_emb, concept_emb, _softmax_temperature(similarity, hp))
+        with _stage(times, "write"):
+            writer.write_image_concepts(run_id, image_ids, concept_ids[img_top], img_sims)
+            writer.write_image_softmax(run_id, image_ids, lse)
+            writer.update_run(run_id, stage_seconds={k: round(v, 3) for k, v in times.items()})
+            writer.commit()
+    return IndexResult(
+        path=Path(s.db),
+        run_id=run_id,
+        n_images=int(index_run["n_images"] or 0),
+        n_failed=int(index_run["n_failed_images"] or 0),
+        failed_examples=[],
+        layers=summaries,
+        stage_seconds={k: round(v, 3) for k, v in times.items()},
+        notes=notes,
+    )
+
+
+def _template_of(run: dict[str, Any]) -> str | None:
+    key = run.get("clip_key") or ""
+    return key.split("|template=", 1)[1] if "|template=" in key else None
+
+
+def _missing_embeddings(
+    writer: CacheWriter, clip_key: str, concept_ids: np.ndarray, emb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    have = writer.cached_concept_embeddings(clip_key, concept_ids)
+    mask = np.array([int(c) not in have for c in concept_ids], dtype=bool)
+    return concept_ids[mask], emb[mask]
+
+
+def percent(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else math.nan
