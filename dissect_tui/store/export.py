@@ -1,0 +1,230 @@
+"""Exporting neuron labels to CSV or Parquet, and streaming free SQL results.
+
+The CSV starts with the columns the CLIP-Dissect reference implementation writes to its
+results file (``layer,unit,description,similarity``) so existing scripts keep working, then
+adds ours. Files are written beside the destination and renamed into place, so a failed
+export never leaves a half-written file. Every user value reaches SQL as a bound parameter.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from dissect_tui.errors import CacheError, UserError
+from dissect_tui.store.reader import CacheReader
+
+# Reference columns first, exactly as CLIP-Dissect's describe_neurons.py writes them.
+REFERENCE_COLUMNS = ("layer", "unit", "description", "similarity")
+COLUMNS = (*REFERENCE_COLUMNS, "interpretable", "concept_id", "top_concepts", "run_id")
+TOP_CONCEPTS = 5  # texts in the top_concepts column, and what --match searches besides the label
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def export_format(path: str | Path, fmt: str | None = None) -> str:
+    """'csv' or 'parquet' from an explicit format or the file suffix; UserError otherwise."""
+    if fmt is not None:
+        fmt = fmt.lower()
+        if fmt not in ("csv", "parquet"):
+            raise UserError(f"unknown export format {fmt!r}: use csv or parquet")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(
+            f"cannot tell the format of {Path(path).name!r} from its suffix: name it .csv or .parquet"
+        )
+    return FORMATS[suffix]
+
+
+def _neurons_sql(
+    run_id: int,
+    keys: Sequence[tuple[str, int]] | None,
+    cutoff: float,
+    layers: Sequence[str] | None,
+    interpretable_only: bool,
+    text: str | None,
+) -> tuple[str, list[Any]]:
+    params: list[Any] = [TOP_CONCEPTS, run_id, cutoff, run_id]
+    where = ["n.run_id = ?"]
+    if layers:
+        where.append("list_contains(?::VARCHAR[], n.layer)")
+        params.append(list(layers))
+    if keys is not None:
+        # Pinned neurons arrive as two parallel lists, zipped back into rows by unnest.
+        where.append(
+            "EXISTS (SELECT 1 FROM (SELECT unnest(?::VARCHAR[]) AS layer, unnest(?::INTEGER[]) AS unit) k "
+            "WHERE k.layer = n.layer AND k.unit = n.unit)"
+        )
+        params += [[k[0] for k in keys], [int(k[1]) for k in keys]]
+    if interpretable_only:
+        where.append("n.similarity > ?")
+        params.append(cutoff)
+    if text:
+        # contains() takes the text literally: no LIKE wildcards (% _) to escape.
+        where.append(
+            "(contains(lower(n.label), lower(?)) OR list_bool_or(list_transform(t.texts, "
+            "lambda x: contains(lower(x), lower(?)))))"
+        )
+        params += [text, text]
+    sql = f"""
+        WITH top AS (
+            SELECT nc.layer, nc.unit, list(c.text ORDER BY nc.rank) AS texts
+            FROM neuron_concepts nc JOIN concepts c USING (concept_id)
+            WHERE nc.rank <= ? AND nc.run_id = ?
+            GROUP BY nc.layer, nc.unit
+        )
+        SELECT n.layer, n.unit, n.label AS description, n.similarity,
+               n.similarity > ? AS interpretable, n.concept_id,
+               array_to_string(coalesce(t.texts, []), '; ') AS top_concepts, n.run_id
+        FROM neurons n
+        JOIN layers l USING (layer)
+        LEFT JOIN top t ON t.layer = n.layer AND t.unit = n.unit
+        WHERE {" AND ".join(where)}
+        ORDER BY l.position, n.unit
+    """
+    return sql, params
+
+
+def neuron_table(
+    reader: CacheReader,
+    run_id: int,
+    keys: Sequence[tuple[str, int]] | None = None,
+    cutoff: float | None = None,
+    layers: Sequence[str] | None = None,
+    interpretable_only: bool = False,
+    text: str | None = None,
+) -> pa.Table:
+    """The export's rows as an Arrow table (columns COLUMNS), after checking run and layers."""
+    run = reader.run(run_id)  # CacheError listing the runs when there is no such run
+    if cutoff is None:
+        cutoff = run.get("cutoff")
+        if cutoff is None:
+            raise UserError(f"run {run_id} records no interpretability cutoff: pass one with --cutoff")
+    if layers:
+        known = [info.layer for info in reader.layers()]
+        unknown = [name for name in layers if name not in known]
+        if unknown:
+            raise UserError(
+                f"no layer {', '.join(map(repr, unknown))} in this cache; layers: {', '.join(known)}"
+            )
+    text = text.strip() if text else None  # like the browser's filter box
+    sql, params = _neurons_sql(run_id, keys, float(cutoff), layers, interpretable_only, text)
+    try:
+        return reader.con.sql(sql, params=params).to_arrow_table()
+    except duckdb.Error as exc:
+        raise CacheError(f"cannot read neurons of run {run_id}: {str(exc).splitlines()[0]}") from None
+
+
+def export_neurons(
+    reader: CacheReader,
+    run_id: int,
+    path: str | Path,
+    keys: Sequence[tuple[str, int]] | None = None,
+    fmt: str | None = None,
+    cutoff: float | None = None,
+    layers: Sequence[str] | None = None,
+    interpretable_only: bool = False,
+    text: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write one run's neuron labels to CSV or Parquet; returns the number of neurons written.
+
+    ``cutoff`` decides the interpretable column and --interpretable-only (default: the run's);
+    ``keys`` restricts to those (layer, unit) pairs; ``text`` is a case-insensitive substring
+    of the label or one of the top concepts.
+    """
+    path = Path(path).expanduser()
+    fmt = export_format(path, fmt)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name ending in .csv or .parquet")
+    if not path.parent.is_dir():
+        raise UserError(f"folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    table = neuron_table(reader, run_id, keys, cutoff, layers, interpretable_only, text)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+        else:
+            _write_csv(table, tmp)
+        _move_into_place(tmp, path, overwrite)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table.num_rows
+
+
+def _write_csv(table: pa.Table, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(table.column_names)
+        for row in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+            out.writerow(row)
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    # link() fails if the name appeared meanwhile, where replace() would silently clobber it.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} exists; pass --force to overwrite it") from None
+    except OSError:  # a filesystem without hard links
+        if path.exists():
+            raise UserError(f"{path} exists; pass --force to overwrite it") from None
+        os.replace(tmp, path)
+
+
+def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[list[str], Iterator[tuple]]:
+    """(column names, row iterator) of any query, fetched in batches so --csv streams big results.
+
+    Errors become CacheError("SQL error: …"); writes are refused by the read-only connection.
+    """
+    cur = reader.con.cursor()
+    try:
+        cur.execute(sql)
+    except duckdb.Error as exc:
+        cur.close()
+        raise CacheError(sql_error_message(exc)) from None
+    if cur.description is None:
+        cur.close()
+        return [], iter(())
+    cols = [d[0] for d in cur.description]
+
+    def rows() -> Iterator[tuple]:
+        try:
+            while True:
+                try:
+                    chunk = cur.fetchmany(batch)
+                except duckdb.Error as exc:
+                    raise CacheError(sql_error_message(exc)) from None
+                if not chunk:
+                    return
+                yield from chunk
+        finally:
+            cur.close()
+
+    return cols, rows()
+
+
+def sql_error_message(exc: BaseException) -> str:
+    """One line for a failed query; a write on the read-only cache says so plainly."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "read-only" in text or "read only" in text:
+        return (
+            "SQL error: the cache is opened read-only, so statements that change it "
+            f"(INSERT, UPDATE, DELETE, CREATE, DROP …) are refused ({text})"
+        )
+    return f"SQL error: {text}"
