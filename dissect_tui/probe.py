@@ -1,0 +1,585 @@
+"""Probe image sets: folders, list files, CIFAR-100, synthetic images; robust decoding; loader.
+
+``--probe`` specs (repeatable; the union is taken in the order given):
+
+- ``path/to/folder``: every image below it (recursive; jpg jpeg jfif png bmp gif tif tiff webp
+  ppm pgm pbm pnm, any case), sorted by relative path; hidden files and folders are skipped.
+- ``path/to/image.jpg``: that one image.
+- ``path/to/list.txt``: one image path per line, relative paths relative to the list file;
+  blank and ``#`` lines are ignored. Missing files stay in the set and count as failed images.
+- ``cifar100`` (train, 50,000) / ``cifar100-test`` (10,000): torchvision downloads
+  ``cifar-100-python.tar.gz`` into the cache dir (or finds it there); ``cifar100:DIR`` /
+  ``cifar100-test:DIR`` read an extracted ``cifar-100-python`` folder (or the .tar.gz) instead.
+- ``synthetic:N``: N deterministic generated 500x375 / 375x500 pictures (smooth colour fields and
+  shapes); image i is the same for every N. For offline smoke runs and benchmarks only.
+
+Image ids are 0..N-1 in that order. The same file named twice (same resolved path, also across
+specs) is kept once, at its first position; ``ProbeSet.notes`` says how many were dropped.
+
+Decoding (``ProbeSet.open``) always gives RGB: transparency (RGBA, LA, P with a transparent
+colour) is composited on white; 16-bit and 32-bit greyscale are scaled to 8 bits by their bit
+depth; CMYK, 1-bit, YCbCr convert as Pillow does; the EXIF orientation is applied; animated files
+give their first frame. JPEGs larger than needed are decoded at a reduced scale (``draft``, DCT
+scaling, the shorter side stays >= ``DECODE_MIN_SIDE``); other formats above ``MAX_PIXELS``
+are refused as bad images instead of allocating gigabytes. Corrupt, truncated, empty or
+non-image files raise ``BadImage``; ``iter_batches`` turns those into failed rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import pickle
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from dissect_tui.errors import OfflineError, UserError
+
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    }
+)
+DECODE_MIN_SIDE = 512  # JPEG draft keeps the shorter side at least this long (>= 2x a 224 crop)
+MAX_PIXELS = 100_000_000  # formats without reduced decoding above this are refused (~300 MB RGB)
+CIFAR_ARCHIVE = "cifar-100-python.tar.gz"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR_FOLDER = "cifar-100-python"
+SYNTHETIC_MAX = 10_000_000
+_WHITE = (255, 255, 255)
+
+
+class BadImage(UserError):
+    """One probe image could not be decoded; the run goes on and counts it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    image_id: int
+    path: str  # absolute file path, "cifar100-train/00042", or "synthetic/000007"
+    source: str  # the --probe spec it came from
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of consecutive items of one kind, so open() needs no per-item bookkeeping."""
+
+    start: int
+    kind: str  # "file" | "cifar" | "synthetic"
+    cifar_file: str = ""  # the pickled train/test file
+    keys: tuple[int, ...] = ()  # cifar row / synthetic seed per item
+
+
+class ProbeSet(Sequence[ProbeItem]):
+    """The union of the probe specs, in order; ``open(i)`` decodes image i to RGB."""
+
+    def __init__(
+        self, specs: Sequence[str], items: list[ProbeItem], segments: list[_Segment], notes: list[str]
+    ):
+        self.specs = list(specs)
+        self.items = items
+        self.notes = notes  # human-readable lines for the CLI (duplicates dropped, missing files)
+        self._segments = segments
+        self._starts = [s.start for s in segments]
+        self._cifar: dict[str, np.ndarray] = {}  # loaded lazily, per process
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cifar"] = {}  # each DataLoader worker reloads; never ship 150 MB through a pipe
+        return state
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> ProbeItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ProbeItem]: ...
+    def __getitem__(self, index: int | slice) -> ProbeItem | list[ProbeItem]:
+        return self.items[index]
+
+    def _segment(self, index: int) -> tuple[_Segment, int]:
+        seg = self._segments[bisect.bisect_right(self._starts, index) - 1]
+        return seg, index - seg.start
+
+    def open(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image; raises BadImage(reason)."""
+        return self.open_with_size(index)[0]
+
+    def open_with_size(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
+        """(RGB image, original (width, height)); reduced-scale decodes report the file's size."""
+        item = self.items[index]
+        seg, offset = self._segment(index)
+        if seg.kind == "synthetic":
+            img = synthetic_image(seg.keys[offset])
+            return img, img.size
+        if seg.kind == "cifar":
+            rows = self._cifar.get(seg.cifar_file)
+            if rows is None:
+                rows = self._cifar[seg.cifar_file] = _load_cifar_rows(seg.cifar_file)
+            img = Image.fromarray(rows[seg.keys[offset]])
+            return img, img.size
+        return decode_file(item.path)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_file(
+    path: str, min_side: int = DECODE_MIN_SIDE, max_pixels: int = MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode one file robustly to RGB: (image, original (width, height)); raises BadImage."""
+    try:
+        size_bytes = os.path.getsize(path)
+    except OSError:
+        raise BadImage("file not found") from None
+    if size_bytes == 0:
+        raise BadImage("empty file (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # Our own pixel policy below replaces Pillow's DecompressionBombError, which would fire at
+        # open() before draft() could shrink a huge JPEG.
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.format == "JPEG":
+                if min(width, height) >= 2 * min_side:
+                    im.draft("RGB" if im.mode == "RGB" else im.mode, (min_side, min_side))
+            elif width * height > max_pixels:
+                raise BadImage(
+                    f"image too large to decode safely: {width}x{height} {im.format} "
+                    f"({width * height / 1e6:.0f} MP > {max_pixels / 1e6:.0f} MP)"
+                )
+            im.load()
+            rgb = _to_rgb(im)
+    except BadImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image, or a format Pillow cannot read") from None
+    except MemoryError:
+        raise BadImage("out of memory while decoding") from None
+    except Exception as exc:  # truncated data, broken headers, decoder errors
+        raise BadImage(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return rgb, (width, height) if _orientation_keeps_axes(rgb, im) else (height, width)
+
+
+def _orientation_keeps_axes(rgb: Image.Image, decoded: Image.Image) -> bool:
+    return (rgb.width >= rgb.height) == (decoded.width >= decoded.height)
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    try:
+        if im.getexif().get(0x0112, 1) in (1, None):  # no rotation: skip exif_transpose's copy
+            return im
+        return ImageOps.exif_transpose(im) or im
+    except Exception:  # malformed EXIF must not cost the image
+        return im
+
+
+def _scale_to_8bit(im: Image.Image) -> Image.Image:
+    """I;16*, I and F greyscale -> L, scaled by bit depth (Pillow's convert would clip)."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        out = arr.astype(np.float32) / 257.0
+    elif im.mode == "F":
+        arr = arr.astype(np.float32)
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        out = arr * 255.0 if lo >= 0.0 and hi <= 1.0 else (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+    else:  # "I": 32-bit ints, usually 16-bit data
+        hi = int(arr.max()) if arr.size else 0
+        lo = int(arr.min()) if arr.size else 0
+        if lo >= 0 and hi <= 255:
+            out = arr.astype(np.float32)
+        elif lo >= 0 and hi <= 65535:
+            out = arr.astype(np.float32) / 257.0
+        else:
+            out = (arr.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1))
+    out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    im = _exif_transpose(im)
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy() if im.readonly else im
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _scale_to_8bit(im).convert("RGB")
+    try:
+        return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX ...
+    except (ValueError, OSError) as exc:
+        raise BadImage(f"unsupported colour mode {mode}: {exc}") from None
+
+
+def make_thumbnail(img: Image.Image, px: int) -> bytes:
+    """A small JPEG (longest side px) from an already decoded RGB image."""
+    thumb = img.copy()
+    thumb.thumbnail((px, px), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- synthetic images
+
+
+def synthetic_image(seed: int) -> Image.Image:
+    """Deterministic picture for seed: a smooth random colour field with a few shapes."""
+    rng = np.random.default_rng(seed)
+    size = (500, 375) if rng.random() < 0.7 else (375, 500)
+    coarse = rng.integers(0, 256, size=(int(rng.integers(2, 7)), int(rng.integers(2, 7)), 3), dtype=np.uint8)
+    img = Image.fromarray(coarse, "RGB").resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 6))):
+        x0, y0 = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
+        x1, y1 = x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        shape = int(rng.integers(0, 3))
+        if shape == 0:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        elif shape == 1:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(2, 12)))
+    return img
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+
+def _load_cifar_rows(path: str) -> np.ndarray:
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh, encoding="latin1")
+    return np.ascontiguousarray(
+        np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    )
+
+
+def _cifar_folder_from(path: Path, cache_dir: Path) -> Path:
+    """A user-given cifar location: the cifar-100-python folder, its parent, or the .tar.gz."""
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        target = cache_dir / CIFAR_FOLDER
+        if not (target / "meta").exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with tarfile.open(path, "r:gz") as tar:
+                    tar.extractall(cache_dir, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise UserError(f"cannot extract {path}: {exc}") from exc
+        path = target
+    if (path / CIFAR_FOLDER).is_dir():
+        path = path / CIFAR_FOLDER
+    if not path.is_dir():
+        raise UserError(f"CIFAR-100 folder not found: {path} (expected an extracted {CIFAR_FOLDER} folder)")
+    return path
+
+
+def _ensure_cifar(cache_dir: Path) -> Path:
+    """cache_dir/cifar-100-python, downloaded by torchvision when absent; offline -> OfflineError."""
+    folder = cache_dir / CIFAR_FOLDER
+    if all((folder / name).is_file() for name in ("train", "test", "meta")):
+        return folder
+    from torchvision.datasets import CIFAR100
+
+    try:
+        # torchvision reuses cache_dir/cifar-100-python.tar.gz when it is there and intact
+        CIFAR100(root=str(cache_dir), train=False, download=True)
+    except (OSError, RuntimeError) as exc:  # URLError, socket errors; "not found or corrupted"
+        archive = cache_dir / CIFAR_ARCHIVE
+        state = " (the copy there is incomplete or corrupt)" if archive.exists() else ""
+        raise OfflineError(
+            f"could not download {CIFAR_ARCHIVE} from {CIFAR_URL}: {getattr(exc, 'reason', None) or exc}. "
+            f"Put {CIFAR_ARCHIVE} in {cache_dir}{state}, or pass --probe cifar100:/path/to/{CIFAR_FOLDER}"
+        ) from exc
+    return folder
+
+
+# ---------------------------------------------------------------- resolving specs
+
+
+def _scan_folder(root: Path) -> list[str]:
+    found: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = os.path.join(dirpath, name)
+            found.append((Path(os.path.relpath(full, root)).as_posix(), full))
+    found.sort()
+    return [full for _, full in found]
+
+
+def _read_list_file(path: Path) -> tuple[list[str], int]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"probe {path} is neither a folder, an image, nor a text file listing images"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read probe list {path}: {exc}") from exc
+    base = path.parent
+    paths, missing = [], 0
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        entry = Path(line).expanduser()
+        full = entry if entry.is_absolute() else base / entry
+        if not full.is_file():
+            missing += 1
+        paths.append(os.path.abspath(full))
+    if not paths:
+        raise UserError(f"probe list {path} names no images")
+    return paths, missing
+
+
+def _parse_synthetic(spec: str) -> int:
+    count = spec.split(":", 1)[1].strip().replace("_", "")
+    if not count.isdigit() or not 0 < int(count) <= SYNTHETIC_MAX:
+        raise UserError(f"probe '{spec}': write synthetic:N with N between 1 and {SYNTHETIC_MAX:,}")
+    return int(count)
+
+
+def resolve_probe(specs: Sequence[str], cache_dir: Path) -> ProbeSet:
+    """Resolve the --probe specs into one ordered, de-duplicated ProbeSet."""
+    if not specs:
+        raise UserError("no probe images: pass --probe with a folder, a list file, cifar100 or synthetic:N")
+    cache_dir = Path(cache_dir).expanduser()
+    items: list[ProbeItem] = []
+    segments: list[_Segment] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    duplicates = 0
+    cifar_rows: dict[str, np.ndarray] = {}  # read once here, reused by open() in this process
+
+    def add(kind: str, spec: str, paths: list[str], keys: list[str], **seg: Any) -> None:
+        nonlocal duplicates
+        kept_paths, kept_keys = [], []
+        for path, key in zip(paths, keys, strict=True):
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            kept_paths.append(path)
+            kept_keys.append(key)
+        if not kept_paths:
+            return
+        start = len(items)
+        items.extend(ProbeItem(start + i, p, spec) for i, p in enumerate(kept_paths))
+        if kind == "file":
+            if not segments or segments[-1].kind != "file":
+                segments.append(_Segment(start, "file"))
+        else:
+            rows = tuple(int(k.rsplit("/", 1)[1]) for k in kept_keys)
+            segments.append(_Segment(start, kind, keys=rows, **seg))
+
+    for raw in specs:
+        spec = raw.strip()
+        lower = spec.lower()
+        head, _, tail = spec.partition(":")
+        if head.lower() in ("cifar100", "cifar100-train", "cifar100-test"):
+            split = "test" if head.lower().endswith("test") else "train"
+            folder = (
+                _cifar_folder_from(Path(tail).expanduser(), cache_dir) if tail else _ensure_cifar(cache_dir)
+            )
+            data_file = (folder / split).resolve()
+            if not data_file.is_file():
+                raise UserError(f"CIFAR-100 {split} file missing: {data_file}")
+            if str(data_file) not in cifar_rows:
+                try:
+                    cifar_rows[str(data_file)] = _load_cifar_rows(str(data_file))
+                except Exception as exc:
+                    raise UserError(
+                        f"cannot read CIFAR-100 file {data_file}: {type(exc).__name__}: {exc}"
+                    ) from exc
+            count = len(cifar_rows[str(data_file)])
+            names = [f"cifar100-{split}/{i:05d}" for i in range(count)]
+            keys = [f"cifar:{data_file}/{i}" for i in range(count)]
+            add("cifar", spec, names, keys, cifar_file=str(data_file))
+            continue
+        if lower.startswith("synthetic:"):
+            n = _parse_synthetic(spec)
+            names = [f"synthetic/{i:06d}" for i in range(n)]
+            add("synthetic", spec, names, [f"synthetic/{i}" for i in range(n)])
+            continue
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            paths = _scan_folder(path)
+            if not paths:
+                exts = " ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+                raise UserError(f"probe folder {spec} holds no images (looked for {exts}, recursively)")
+        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            paths = [str(path)]
+        elif path.is_file():
+            paths, missing = _read_list_file(path)
+            if missing:
+                notes.append(
+                    f"probe list {spec}: {missing} listed file(s) do not exist; counted as failed images"
+                )
+        else:
+            raise UserError(
+                f"probe '{spec}' not found: give a folder, an image, a list file, "
+                "cifar100[-test][:DIR] or synthetic:N"
+            )
+        absolute = [os.path.abspath(p) for p in paths]
+        add("file", spec, absolute, [os.path.realpath(p) for p in absolute])
+    if duplicates:
+        notes.append(f"{duplicates} duplicate probe image(s) (same file named twice) were kept once")
+    if not items:
+        raise UserError("the probe specs resolve to zero images")
+    probe = ProbeSet(specs, items, segments, notes)
+    probe._cifar.update(cifar_rows)
+    return probe
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor  # [B] long, image ids (= positions in the ProbeSet)
+    ok: torch.Tensor  # [B] bool; failed images carry zero tensors
+    inputs: list[torch.Tensor]  # one [B,3,H,W] per transform, in the order given
+    thumbnails: list[bytes | None] = field(default_factory=list)  # small JPEGs from the same decode
+    sizes: list[tuple[int, int] | None] = field(default_factory=list)  # original (width, height)
+    errors: list[str | None] = field(default_factory=list)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) for custom batch types."""
+        return Batch(
+            self.indices.pin_memory(),
+            self.ok.pin_memory(),
+            [x.pin_memory() for x in self.inputs],
+            self.thumbnails,
+            self.sizes,
+            self.errors,
+        )
+
+
+def _output_shape(transform: Callable[[Image.Image], torch.Tensor], position: int) -> tuple[int, ...]:
+    """The fixed output shape of a transform, probed on two dummy images of different aspect."""
+    shapes = []
+    for size in ((320, 240), (240, 320)):
+        try:
+            out = transform(Image.new("RGB", size, (128, 128, 128)))
+        except Exception as exc:
+            raise UserError(
+                f"image transform #{position} failed on a dummy image: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(out, torch.Tensor) or out.ndim != 3:
+            raise UserError(f"image transform #{position} must return a [C,H,W] tensor")
+        shapes.append(tuple(out.shape))
+    if shapes[0] != shapes[1]:
+        raise UserError(
+            f"image transform #{position} gives different sizes for different images ({shapes[0]} vs "
+            f"{shapes[1]}); it must crop or resize to a fixed size"
+        )
+    return shapes[0]
+
+
+class _ProbeDataset(torch.utils.data.Dataset):
+    """Decode each image once; run every transform on that decode; make the thumbnail."""
+
+    def __init__(
+        self, probe: ProbeSet, transforms: Sequence[Callable], shapes: list[tuple[int, ...]], thumb_px: int
+    ):
+        self.probe = probe
+        self.transforms = list(transforms)
+        self.shapes = shapes
+        self.thumb_px = thumb_px
+
+    def __len__(self) -> int:
+        return len(self.probe)
+
+    def __getitem__(self, index: int) -> tuple[int, bool, list[torch.Tensor], bytes | None, Any, str | None]:
+        size = None
+        try:
+            img, size = self.probe.open_with_size(index)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. antialias notes; one per image would flood
+                tensors = [t(img) for t in self.transforms]
+            for tensor, shape in zip(tensors, self.shapes, strict=True):
+                if tuple(tensor.shape) != shape:
+                    raise BadImage(f"transform gave {tuple(tensor.shape)}, expected {shape}")
+            thumb = make_thumbnail(img, self.thumb_px) if self.thumb_px else None
+            return index, True, tensors, thumb, size, None
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, BadImage) else f"{type(exc).__name__}: {exc}"
+            zeros = [torch.zeros(shape) for shape in self.shapes]
+            return index, False, zeros, None, size, reason
+
+
+def _collate(rows: list[tuple]) -> Batch:
+    return Batch(
+        indices=torch.tensor([r[0] for r in rows], dtype=torch.long),
+        ok=torch.tensor([r[1] for r in rows], dtype=torch.bool),
+        inputs=[torch.stack([r[2][t] for r in rows]) for t in range(len(rows[0][2]))],
+        thumbnails=[r[3] for r in rows],
+        sizes=[tuple(r[4]) if r[4] is not None else None for r in rows],
+        errors=[r[5] for r in rows],
+    )
+
+
+def iter_batches(
+    probe: ProbeSet,
+    transforms: Sequence[Callable[[Image.Image], torch.Tensor]],
+    batch_size: int,
+    workers: int,
+    thumbnail_px: int = 96,
+) -> Iterator[Batch]:
+    """Batches in probe order; workers=0 decodes in-process. Failed images give ok=False rows."""
+    if batch_size < 1:
+        raise UserError("batch size must be at least 1")
+    if workers < 0:
+        raise UserError("workers must be 0 or more")
+    shapes = [_output_shape(t, i) for i, t in enumerate(transforms)]
+    dataset = _ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    yield from loader
