@@ -1,0 +1,115 @@
+"""SQL for `evaluate` and `analyze`: the reads the generic reader lacks, and saving metrics.
+
+Metrics go to the ``metrics(run_id, analysis, metric, value, details)`` table of the cache
+itself: the cache is copied, extended and atomically swapped in (CacheWriter), so a browser
+that has the file open keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from dissect_tui.errors import CacheError
+from dissect_tui.store.reader import CacheReader
+from dissect_tui.store.writer import CacheWriter
+
+MetricRow = tuple[str, float | None, str | None]
+
+
+def classifier_layers(reader: CacheReader) -> list[tuple[str, str | None]]:
+    """(layer, input_layer) of every layer whose weights were stored at index time."""
+    rows = reader.con.execute(
+        "SELECT DISTINCT w.layer, w.input_layer, coalesce(l.position, 1e9) AS pos "
+        "FROM linear_weights w LEFT JOIN layers l USING (layer) ORDER BY pos DESC"
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def layer_labels(reader: CacheReader, run_id: int, layer: str) -> tuple[list[str], np.ndarray]:
+    """(labels, similarity scores) of one layer's neurons in unit order; empty when not labelled."""
+    rows = reader.con.execute(
+        "SELECT label, similarity FROM neurons WHERE run_id = ? AND layer = ? ORDER BY unit",
+        [run_id, layer],
+    ).fetchall()
+    return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float64)
+
+
+def labelled_layers(reader: CacheReader, run_id: int) -> list[str]:
+    """Layers that have neurons in this run, in network order."""
+    rows = reader.con.execute(
+        "SELECT DISTINCT n.layer, l.position FROM neurons n JOIN layers l USING (layer) "
+        "WHERE n.run_id = ? ORDER BY l.position",
+        [run_id],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def neuron_concept_ids(reader: CacheReader, run_id: int, layer: str) -> np.ndarray:
+    """[K, T] concept ids of each neuron's stored top concepts, best first (T = shortest list)."""
+    rows = reader.con.execute(
+        "SELECT unit, rank, concept_id FROM neuron_concepts WHERE run_id = ? AND layer = ? "
+        "ORDER BY unit, rank",
+        [run_id, layer],
+    ).fetchnumpy()
+    units = rows["unit"].astype(np.int64)
+    if units.size == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    k = int(units.max()) + 1
+    counts = np.bincount(units, minlength=k)
+    t = int(counts.min())
+    ids = np.full((k, t), -1, dtype=np.int64)
+    ranks = rows["rank"].astype(np.int64)
+    keep = ranks <= t
+    ids[units[keep], ranks[keep] - 1] = rows["concept_id"].astype(np.int64)[keep]
+    return ids
+
+
+def concept_embeddings_by_text(reader: CacheReader, clip_key: str) -> dict[str, np.ndarray]:
+    """Every stored concept embedding of one text tower, keyed by concept text."""
+    try:
+        tbl = reader.con.sql(
+            "SELECT c.text, e.emb FROM concept_embeddings e JOIN concepts c USING (concept_id) "
+            "WHERE e.clip_key = ?",
+            params=[clip_key],
+        ).to_arrow_table()
+    except duckdb.CatalogException:
+        return {}  # a cache without embedding tables
+    if tbl.num_rows == 0:
+        return {}
+    flat = tbl.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    emb = flat.astype(np.float32).reshape(tbl.num_rows, -1)
+    return dict(zip(tbl.column("text").to_pylist(), emb, strict=True))
+
+
+def read_metrics(
+    reader: CacheReader, run_id: int | None = None, analysis: str | None = None
+) -> list[tuple[int, str, str, float | None, str | None]]:
+    """Stored (run_id, analysis, metric, value, details) rows, optionally filtered."""
+    sql = "SELECT run_id, analysis, metric, value, details FROM metrics WHERE 1 = 1"
+    params: list[Any] = []
+    if run_id is not None:
+        sql += " AND run_id = ?"
+        params.append(run_id)
+    if analysis is not None:
+        sql += " AND analysis = ?"
+        params.append(analysis)
+    return reader.con.execute(sql + " ORDER BY run_id, analysis, rowid", params).fetchall()
+
+
+def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[MetricRow]]]) -> Path:
+    """Replace the metrics of each (run_id, analysis) in the cache at ``path``, atomically.
+
+    Close any CacheReader on ``path`` first: the new file is swapped in under its name.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CacheError(f"no cache at {path}")
+    with CacheWriter(path, base=path) as writer:
+        for run_id, analysis, rows in entries:
+            writer.write_metrics(run_id, analysis, list(rows))
+        return writer.commit()
