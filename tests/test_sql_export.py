@@ -49,7 +49,9 @@ def add_relabel_run(path: Path, seed: int = 1) -> int:
         for layer, k in layers:
             scores = rng.normal(scale=0.2, size=(k, len(texts))).astype(np.float32)
             top = np.argsort(-scores, axis=1, kind="stable")[:, :8]
-            w.write_neuron_concepts(run_id, layer, cids[top], np.take_along_axis(scores, top, axis=1))
+            # Concepts after the label only, so a --match on the label is not also a top-concept hit.
+            rest = top[:, 1:]
+            w.write_neuron_concepts(run_id, layer, cids[rest], np.take_along_axis(scores, rest, axis=1))
             w.write_neurons(
                 run_id,
                 layer,
