@@ -70,6 +70,13 @@ SYNTHETIC_MAX = 10_000_000
 _WHITE = (255, 255, 255)
 
 
+def _brief(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: library messages can span paragraphs."""
+    text = " ".join(str(exc).split()) or "no details"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
 class BadImage(UserError):
     """One probe image could not be decoded; the run goes on and counts it."""
 
@@ -184,7 +191,7 @@ def decode_file(
     except MemoryError:
         raise BadImage("out of memory while decoding") from None
     except Exception as exc:  # truncated data, broken headers, decoder errors
-        raise BadImage(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
+        raise BadImage(f"corrupt or truncated image: {_brief(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     return rgb, (width, height) if _orientation_keeps_axes(rgb, im) else (height, width)
@@ -245,7 +252,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     try:
         return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX ...
     except (ValueError, OSError) as exc:
-        raise BadImage(f"unsupported colour mode {mode}: {exc}") from None
+        raise BadImage(f"unsupported colour mode {mode}: {_brief(exc)}") from None
 
 
 def make_thumbnail(img: Image.Image, px: int) -> bytes:
@@ -302,7 +309,7 @@ def _cifar_folder_from(path: Path, cache_dir: Path) -> Path:
                 with tarfile.open(path, "r:gz") as tar:
                     tar.extractall(cache_dir, filter="data")
             except (tarfile.TarError, OSError, EOFError) as exc:
-                raise UserError(f"cannot extract {path}: {exc}") from exc
+                raise UserError(f"cannot extract {path}: {_brief(exc)}") from exc
         path = target
     if (path / CIFAR_FOLDER).is_dir():
         path = path / CIFAR_FOLDER
@@ -355,7 +362,7 @@ def _read_list_file(path: Path) -> tuple[list[str], int]:
             f"probe {path} is neither a folder, an image, nor a text file listing images"
         ) from None
     except OSError as exc:
-        raise UserError(f"cannot read probe list {path}: {exc}") from exc
+        raise UserError(f"cannot read probe list {path}: {_brief(exc)}") from exc
     base = path.parent
     paths, missing = [], 0
     for line in text.splitlines():
@@ -428,9 +435,7 @@ def resolve_probe(specs: Sequence[str], cache_dir: Path) -> ProbeSet:
                 try:
                     cifar_rows[str(data_file)] = _load_cifar_rows(str(data_file))
                 except Exception as exc:
-                    raise UserError(
-                        f"cannot read CIFAR-100 file {data_file}: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise UserError(f"cannot read CIFAR-100 file {data_file}: {_brief(exc)}") from exc
             count = len(cifar_rows[str(data_file)])
             names = [f"cifar100-{split}/{i:05d}" for i in range(count)]
             keys = [f"cifar:{data_file}/{i}" for i in range(count)]
@@ -502,9 +507,7 @@ def _output_shape(transform: Callable[[Image.Image], torch.Tensor], position: in
         try:
             out = transform(Image.new("RGB", size, (128, 128, 128)))
         except Exception as exc:
-            raise UserError(
-                f"image transform #{position} failed on a dummy image: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise UserError(f"image transform #{position} failed on a dummy image: {_brief(exc)}") from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 3:
             raise UserError(f"image transform #{position} must return a [C,H,W] tensor")
         shapes.append(tuple(out.shape))
@@ -543,7 +546,7 @@ class _ProbeDataset(torch.utils.data.Dataset):
             thumb = make_thumbnail(img, self.thumb_px) if self.thumb_px else None
             return index, True, tensors, thumb, size, None
         except Exception as exc:
-            reason = exc.reason if isinstance(exc, BadImage) else f"{type(exc).__name__}: {exc}"
+            reason = exc.reason if isinstance(exc, BadImage) else f"{_brief(exc)}"
             zeros = [torch.zeros(shape) for shape in self.shapes]
             return index, False, zeros, None, size, reason
 

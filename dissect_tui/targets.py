@@ -1,0 +1,574 @@
+"""Target networks: torchvision registry, weights, custom factories, layers, hooks, pooling.
+
+A target is named either as a torchvision classification model (``resnet50``, ``vit_b_16``,
+anything in ``torchvision.models.list_models(module=torchvision.models)``) or as a custom
+factory ``path/to/file.py:build`` / ``package.module:build``.
+
+Weights (``--weights``): a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``,
+``ResNet50_Weights.IMAGENET1K_V2``; default ``DEFAULT``), ``none`` (random init, seeded so the
+same model comes back every time), or a local state-dict file (.pth/.pt/.pth.tar/.bin/
+.safetensors). torchvision looks in the torch hub cache (``$TORCH_HOME/hub/checkpoints``) before
+downloading; when the download fails the error names the file to put there or pass with
+``--weights``.
+
+Default layers:
+- torchvision ResNet family (resnet*, resnext*, wide_resnet*): conv1, layer1-4, fc;
+- torchvision VisionTransformer (vit_*): encoder (its CLS token, after the final LayerNorm) and
+  heads;
+- swin_*: ``permute`` (the final feature map in NCHW) and ``head`` -- the ``features.*`` stages
+  of Swin emit channels-last maps that ``summarize`` would pool over the wrong axes;
+- other torchvision models: the last four of the top-level children that have parameters, where
+  the largest Sequential/ModuleList trunk (``features``, ``trunk_output``, ``blocks`` ...) is
+  replaced by its last three parameterised stages (vgg16: features.24/26/28, classifier);
+  auxiliary heads (aux1, AuxLogits) are skipped since they do not run in eval mode;
+- custom models: every top-level child (unless it is a ResNet / VisionTransformer instance, which
+  get the family defaults above).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from dissect_tui.errors import OfflineError, UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt", ".safetensors")
+POOLS = ("mean", "max")
+_RANDOM_INIT_SEED = 0
+# Wrapper keys seen in training checkpoints ({"state_dict": ...} from Places365 / Lightning).
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel and torch.compile
+
+
+def _brief(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: library messages can span paragraphs."""
+    text = " ".join(str(exc).split()) or "no details"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+@dataclass
+class Target:
+    name: str  # as given on the command line
+    model: nn.Module  # eval mode, on CPU
+    preprocess: Callable[[Image.Image], torch.Tensor]  # RGB PIL -> float [3,H,W]
+    default_layers: list[str]
+    weights: str  # what was loaded: "ResNet50_Weights.IMAGENET1K_V2", "none", a path
+    final_layer: str | None  # the layer whose units are classes (fc / heads), when known
+    final_layer_input: str | None  # recorded layer whose pooled output feeds final_layer
+
+
+def imagenet_preprocess() -> Callable[[Image.Image], torch.Tensor]:
+    """Standard ImageNet evaluation preprocessing (picklable, for DataLoader workers)."""
+    return T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def list_target_models() -> list[str]:
+    """Names of the torchvision classification models that load_target accepts."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_target(spec: str, weights: str | None = None) -> Target:
+    """Build the target network named by ``spec`` with ``weights``; eval mode, on CPU."""
+    spec = spec.strip()
+    if not spec:
+        raise UserError("empty model name; try resnet50 or path/to/file.py:factory")
+    if ":" in spec:
+        target = _load_custom(spec, weights)
+    else:
+        target = _load_torchvision(spec, weights)
+    target.model.eval()
+    return target
+
+
+def _is_none_weights(weights: str | None) -> bool:
+    return weights is not None and weights.strip().lower() in ("none", "random")
+
+
+def _looks_like_file(weights: str) -> bool:
+    return (
+        weights.lower().endswith(WEIGHT_FILE_SUFFIXES)
+        or os.sep in weights
+        or "/" in weights
+        or Path(weights).expanduser().is_file()
+    )
+
+
+def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
+    """Random init with a fixed seed, so `--weights none` gives the same network every run."""
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # googlenet / inception_v3 warn about their init scheme on every build
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.manual_seed(_RANDOM_INIT_SEED)
+        return build()
+
+
+def _load_torchvision(spec: str, weights: str | None) -> Target:
+    available = list_target_models()
+    name = spec.lower()
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UserError(
+            f"unknown model '{spec}'.{hint} Any of the {len(available)} torchvision classification "
+            "models in torchvision.models.list_models(module=torchvision.models) works, or pass your "
+            "own as path/to/file.py:factory or package.module:factory"
+        )
+    tv = torchvision.models
+    if _is_none_weights(weights):
+        model = _seeded_build(lambda: tv.get_model(name, weights=None))
+        preprocess, recorded = imagenet_preprocess(), "none"
+    elif weights is not None and _looks_like_file(weights):
+        path = _existing_file(weights)
+        state = _read_state_dict(path)
+        model = _fit_torchvision_model(name, state, path)
+        preprocess, recorded = imagenet_preprocess(), str(path)
+    else:
+        enum_member = _resolve_weights_enum(name, weights)
+        model = _download_build(name, enum_member)
+        preprocess, recorded = enum_member.transforms(), str(enum_member)
+    layers, final, final_in = _family_defaults(model, torchvision_model=True)
+    return Target(spec, model, preprocess, layers, recorded, final, final_in)
+
+
+def _resolve_weights_enum(name: str, weights: str | None) -> Any:
+    enum_cls = torchvision.models.get_model_weights(name)
+    members = enum_cls.__members__  # includes the DEFAULT alias
+    wanted = (weights or "DEFAULT").strip()
+    prefix, _, member = wanted.rpartition(".")
+    if prefix and prefix.lower() != enum_cls.__name__.lower():
+        raise UserError(
+            f"weights '{wanted}' belong to {prefix}, not {name} ({enum_cls.__name__}); "
+            f"choose one of {', '.join(members)}, none, or a local file"
+        )
+    by_upper = {k.upper(): v for k, v in members.items()}
+    if member.upper() not in by_upper:
+        raise UserError(
+            f"unknown weights '{wanted}' for {name}: choose one of {', '.join(members)}, "
+            "none (random init), or a local state-dict file (.pth/.pt/.safetensors)"
+        )
+    return by_upper[member.upper()]
+
+
+def _download_build(name: str, enum_member: Any) -> nn.Module:
+    """Let torchvision build and fetch (the hub cache is checked first); offline -> OfflineError."""
+    url: str = enum_member.url
+    file_name = os.path.basename(url)
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torchvision.models.get_model(name, weights=enum_member)
+    except OSError as exc:  # URLError, socket errors, timeouts, disk full
+        reason = getattr(exc, "reason", None) or exc
+        raise OfflineError(
+            f"could not download {enum_member} ({file_name} from {url}): {reason}. Put {file_name} "
+            f"in {checkpoints} or pass --weights path/to/{file_name}"
+        ) from exc
+    except RuntimeError as exc:
+        cached = checkpoints / file_name
+        if cached.exists():
+            raise UserError(
+                f"cached weights file {cached} is unreadable or corrupt ({_brief(exc)}); delete it and retry, "
+                f"or pass --weights path/to/{file_name}"
+            ) from exc
+        raise
+
+
+# ---------------------------------------------------------------- local state-dict files
+
+
+def _existing_file(weights: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file not found: {weights}")
+    return path.resolve()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict, unwrap {"state_dict": ...}/{"model": ...}, strip module. prefixes."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a class refused by weights_only
+            raise UserError(f"cannot read weights file {path}: not a PyTorch checkpoint") from exc
+        raise UserError(
+            f"{path} holds pickled Python objects, not just tensors (a whole saved model?); "
+            "save model.state_dict() with torch.save and pass that file"
+        ) from exc
+    except Exception as exc:  # corrupt zip, not a torch file, wrong safetensors header
+        raise UserError(f"cannot read weights file {path}: {_brief(exc)}") from exc
+    for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
+        if isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+            inner = next((raw[k] for k in _WRAPPER_KEYS if isinstance(raw.get(k), dict)), None)
+            if inner is None:
+                break
+            raw = inner
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path} does not contain a state dict (a mapping of names to tensors)")
+    state = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # e.g. "epoch" or "arch" left next to the tensors
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    if not state:
+        raise UserError(f"{path} does not contain any tensors")
+    return state
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    return found
+
+
+def _fit_torchvision_model(name: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Build `name` for `state`, resizing the classifier when the file has another class count."""
+    model = _seeded_build(lambda: torchvision.models.get_model(name, weights=None))
+    head = _last_linear(model)
+    if head is not None:
+        file_w = state.get(f"{head[0]}.weight")
+        if file_w is not None and file_w.ndim == 2 and file_w.shape[0] != head[1].out_features:
+            classes = int(file_w.shape[0])  # e.g. 365 for the Places365 ResNet-18
+            model = _seeded_build(
+                lambda: torchvision.models.get_model(name, weights=None, num_classes=classes)
+            )
+    _load_checked(model, state, path, name)
+    return model
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    own = model.state_dict()
+    # old checkpoints lack BatchNorm's counter; load_state_dict fills it in
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with another shape", reshaped),
+        ):
+            if keys:
+                shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+                parts.append(f"{len(keys)} {label} ({shown})")
+        raise UserError(f"weights file {path} does not fit {what}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------- custom factories
+
+
+def _load_custom(spec: str, weights: str | None) -> Target:
+    location, _, attr = spec.rpartition(":")
+    if not location or not attr:
+        raise UserError(
+            f"custom model '{spec}' must look like path/to/file.py:factory or package.module:factory"
+        )
+    module = _import_location(location)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise UserError(
+            f"{location} has no attribute '{attr}' (callables there: {', '.join(sorted(names)[:10])})"
+        )
+    if not callable(factory):
+        raise UserError(f"{location}:{attr} is not callable")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            result = factory()
+    except Exception as exc:
+        raise UserError(f"model factory {spec} raised {_brief(exc)}") from exc
+    preprocess: Callable[[Image.Image], torch.Tensor] | None = None
+    if isinstance(result, tuple) and len(result) == 2:
+        result, preprocess = result
+        if not callable(preprocess):
+            raise UserError(f"model factory {spec} returned a preprocess that is not callable")
+    if not isinstance(result, nn.Module):
+        raise UserError(
+            f"model factory {spec} returned {type(result).__name__}; expected an nn.Module "
+            "or (nn.Module, preprocess)"
+        )
+    model = result.cpu()
+    recorded = "none"
+    if weights is not None and not _is_none_weights(weights):
+        if not _looks_like_file(weights):
+            raise UserError(
+                f"--weights {weights}: custom models take a local state-dict file (.pth/.pt/.safetensors) or none"
+            )
+        path = _existing_file(weights)
+        _load_checked(model, _read_state_dict(path), path, spec)
+        recorded = str(path)
+    if preprocess is None:
+        preprocess = imagenet_preprocess()
+    else:
+        _check_preprocess(preprocess, spec)
+    layers, final, final_in = _family_defaults(model, torchvision_model=False)
+    if not layers:
+        raise UserError(f"model {spec} has no submodules to record; wrap its layers in named child modules")
+    return Target(spec, model, preprocess, layers, recorded, final, final_in)
+
+
+def _import_location(location: str) -> Any:
+    is_file = location.endswith(".py") or "/" in location or os.sep in location
+    try:
+        if not is_file:
+            return importlib.import_module(location)
+        path = Path(location).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"model file not found: {location}")
+        mod_name = f"dissect_tui_user_{path.stem}_{abs(hash(str(path))) % 10**8}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UserError(f"cannot import {location}: not a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        # registered so pickle finds its functions (DataLoader workers) and siblings import
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.parent))
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+        return module
+    except UserError:
+        raise
+    except Exception as exc:  # SyntaxError, ImportError, anything the file raises at import
+        raise UserError(f"importing {location} failed: {_brief(exc)}") from exc
+
+
+def _check_preprocess(preprocess: Callable[[Image.Image], torch.Tensor], spec: str) -> None:
+    try:
+        out = preprocess(Image.new("RGB", (256, 192), (128, 128, 128)))
+    except Exception as exc:
+        raise UserError(f"the preprocess of {spec} failed on a 256x192 RGB image: {_brief(exc)}") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 3 or not out.is_floating_point():
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"the preprocess of {spec} must turn an RGB PIL image into a float [3,H,W] tensor, got {shape}"
+        )
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_head(module: nn.Module) -> bool:
+    """A Linear, or a Sequential ending in a Linear (vgg/efficientnet classifier, vit heads)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Sequential) and len(module) > 0 and isinstance(module[-1], nn.Linear)
+
+
+def _family_defaults(model: nn.Module, torchvision_model: bool) -> tuple[list[str], str | None, str | None]:
+    """(default layers, final_layer, final_layer_input) for this architecture."""
+    tvm = torchvision.models
+    if isinstance(model, tvm.ResNet):
+        return ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"], "fc", "layer4"
+    if isinstance(model, tvm.VisionTransformer):
+        return ["encoder", "heads"], "heads", "encoder"
+    children = list(model.named_children())
+    last = children[-1] if children else None
+    final = last[0] if last is not None and _is_head(last[1]) else None
+    if not torchvision_model:
+        return [n for n, _ in children], final, None
+    if isinstance(model, tvm.SwinTransformer):
+        return ["permute", "head"], "head", None
+    with_params = [(n, m) for n, m in children if _has_params(m) and "aux" not in n.lower()]
+    trunks = [
+        (sum(p.numel() for p in m.parameters()), n, m)
+        for n, m in with_params[:-1]
+        if isinstance(m, (nn.Sequential, nn.ModuleList)) and sum(_has_params(c) for c in m.children()) >= 3
+    ]
+    layers = [n for n, _ in with_params]
+    if trunks and len(with_params) < 4:  # one big trunk (vgg features): use its last stages
+        _, trunk_name, trunk = max(trunks, key=lambda t: t[0])
+        stages = [f"{trunk_name}.{n}" for n, c in trunk.named_children() if _has_params(c)][-3:]
+        i = layers.index(trunk_name)
+        layers[i : i + 1] = stages
+    return layers[-4:], final, None
+
+
+def _layer_listing(names: list[str], wanted: str, limit: int = 40) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    top = [n for n in names if "." not in n]
+    close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.6)
+    shown = list(dict.fromkeys(close + top))[:limit]
+    return f"{', '.join(shown)}, ... ({len(names)} in all: dotted names from model.named_modules())"
+
+
+def resolve_layers(model: nn.Module, requested: Sequence[str] | None, default: Sequence[str]) -> list[str]:
+    """Validate the requested layer names (dotted, comma lists accepted) or fall back to default."""
+    names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
+    wanted: list[str] = []
+    for item in requested or ():
+        wanted.extend(part.strip() for part in item.split(",") if part.strip())
+    if not wanted:
+        wanted = list(default)
+    for layer in wanted:
+        if layer not in known:
+            raise UserError(f"unknown layer '{layer}'; valid layers: {_layer_listing(names, layer)}")
+    if not wanted:
+        raise UserError("no layers to record; pass --layers with names from model.named_modules()")
+    return list(dict.fromkeys(wanted))
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(output, dict):  # ModelOutput-style mappings
+        for item in output.values():
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def summarize(output: Any, pool: str = "mean") -> torch.Tensor:
+    """One value per neuron and image: [B, K] float32.
+
+    >=4-D [B, C, *spatial] (conv maps): mean (default) or max over the spatial dims;
+    3-D [B, T, C] (ViT tokens): the CLS token, index 0 (``pool`` does not apply);
+    2-D [B, K]: as is; 1-D [B]: one unit. Tuples/lists/dicts: their first tensor.
+    """
+    if pool not in POOLS:
+        raise UserError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+    x = _first_tensor(output)
+    if x is None:
+        raise UserError(f"layer output is {type(output).__name__}, not a tensor; choose another layer")
+    if x.ndim == 0:
+        raise UserError("layer output is a scalar; choose a layer with one output per image")
+    if x.ndim >= 4:
+        dims = tuple(range(2, x.ndim))
+        # mean accumulates in float32 without a float32 copy of the whole map
+        return x.mean(dim=dims, dtype=torch.float32) if pool == "mean" else x.amax(dim=dims).float()
+    if x.ndim == 3:
+        return x[:, 0, :].float()
+    if x.ndim == 1:
+        return x[:, None].float()
+    return x.float()
+
+
+class LayerRecorder:
+    """Forward hooks on ``layers``; ``pop()`` gives the pooled outputs of the last forward.
+
+    Outputs stay on the model's device and are detached (no host sync). A module that runs
+    more than once per forward (a shared ReLU) keeps its last call. Hooks are removed on exit,
+    also when the forward raises.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], pool: str = "mean") -> None:
+        if pool not in POOLS:
+            raise UserError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+        self.model = model
+        self.layers = list(layers)
+        self.pool = pool
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, layer: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            try:
+                self._outputs[layer] = summarize(output, self.pool).detach()
+            except UserError as exc:
+                raise UserError(f"layer {layer}: {exc}") from exc
+
+        return hook
+
+    def __enter__(self) -> LayerRecorder:
+        try:
+            for layer in self.layers:
+                module = self.model.get_submodule(layer)
+                self._handles.append(module.register_forward_hook(self._hook(layer)))
+        except AttributeError as exc:
+            self.close()
+            raise UserError(f"unknown layer: {exc}") from exc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """layer -> [B, K] of the last forward; clears the buffer."""
+        silent = [layer for layer in self.layers if layer not in self._outputs]
+        if silent:
+            self._outputs.clear()
+            raise UserError(
+                f"layer(s) {', '.join(silent)} did not run during the forward pass (unused in eval mode?)"
+            )
+        out = {layer: self._outputs[layer] for layer in self.layers}
+        self._outputs.clear()
+        return out
+
+
+def final_linear(target: Target) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The classifier's (W [C, K], b [C]) when the final layer is a Linear, else None."""
+    if target.final_layer is None:
+        return None
+    module = target.model.get_submodule(target.final_layer)
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    if not isinstance(module, nn.Linear):
+        return None
+    bias = module.bias.detach() if module.bias is not None else None
+    return module.weight.detach(), bias
