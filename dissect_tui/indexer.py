@@ -176,7 +176,11 @@ def encode_concepts(
 
 
 def image_concept_summary(
-    image_emb: torch.Tensor, concept_emb: torch.Tensor, a: float, top: int = IMAGE_CONCEPTS_TOP, chunk: int = 2048
+    image_emb: torch.Tensor,
+    concept_emb: torch.Tensor,
+    a: float,
+    top: int = IMAGE_CONCEPTS_TOP,
+    chunk: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: its best concepts by P (cosine) and logsumexp(a·P) over the set, in row chunks."""
     n = image_emb.shape[0]
@@ -251,7 +255,12 @@ def _score_and_write_layers(
         with _stage(times, "scoring"):
             acts = get_acts(layer).to(device)
             result = scoring.score_layer(
-                acts, image_emb, concept_emb, method=similarity, top_concepts=min(top_concepts, len(texts)), **hp
+                acts,
+                image_emb,
+                concept_emb,
+                method=similarity,
+                top_concepts=min(top_concepts, len(texts)),
+                **hp,
             )
             top_c = result.top_concepts.cpu().numpy()
             top_s = result.top_scores.float().cpu().numpy()
@@ -325,7 +334,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         clip_model = load_clip(s.clip, device=str(device), precision=precision)
 
     batch_size = s.batch_size or (256 if device.type == "cuda" else 32)
-    workers = s.workers if s.workers is not None else min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    workers = (
+        s.workers if s.workers is not None else min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    )
     model = target.model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -340,7 +351,11 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     errors: list[str | None] = [None] * n
     layer_shapes: dict[str, str] = {}
     progress.start("images", n, "img")
-    with _stage(times, "images"), LayerRecorder(model, layers, pool=s.pool) as recorder, torch.inference_mode():
+    with (
+        _stage(times, "images"),
+        LayerRecorder(model, layers, pool=s.pool) as recorder,
+        torch.inference_mode(),
+    ):
 
         def forward(x_t: torch.Tensor, x_c: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             try:
@@ -389,7 +404,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     n_failed = n - len(ok_ids)
     failed = [(probe[i].path, errors[i] or "unknown error") for i in range(n) if errors[i] is not None]
     if len(ok_ids) == 0:
-        raise UserError(f"none of the {n} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})")
+        raise UserError(
+            f"none of the {n} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})"
+        )
     if len(ok_ids) < 2:
         raise UserError("at least 2 decodable probe images are needed")
     acts_all = {layer: torch.cat(acts_chunks[layer]) for layer in layers}
@@ -404,7 +421,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     clip_key = clip_model.key if not s.template else f"{clip_model.key}|template={s.template}"
     with _stage(times, "concepts"):
         cached = _reuse_concept_embeddings(final_path, clip_key, texts)
-        concept_emb_np, n_encoded = encode_concepts(texts, clip_key, cached, lambda: clip_model, s.template, progress)
+        concept_emb_np, n_encoded = encode_concepts(
+            texts, clip_key, cached, lambda: clip_model, s.template, progress
+        )
     if n_encoded < len(texts):
         notes.append(f"reused {len(texts) - n_encoded} concept embeddings from {final_path}")
     concept_emb = torch.from_numpy(concept_emb_np).to(device)
@@ -546,7 +565,9 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
     similarity = s.similarity or base["similarity"]
     check_similarity(similarity)
     same_method = similarity == base["similarity"]
-    hp = _hyperparameters(similarity, {**(base["hyperparameters"] if same_method else {}), **s.hyperparameters})
+    hp = _hyperparameters(
+        similarity, {**(base["hyperparameters"] if same_method else {}), **s.hyperparameters}
+    )
     cutoff = base["cutoff"] if s.cutoff is None else s.cutoff
     concept_spec = s.concepts
     if concept_spec is not None:
@@ -566,7 +587,11 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
         else:
             texts, set_name = concept_set.texts, concept_set.name
         template = s.template if s.template is not None else _template_of(base)
-        clip_key = index_run["clip_key"] if not template else f"{index_run['clip_key'].split('|')[0]}|template={template}"
+        clip_key = (
+            index_run["clip_key"]
+            if not template
+            else f"{index_run['clip_key'].split('|')[0]}|template={template}"
+        )
 
         def load_text_tower():
             spec = s.clip or f"{index_run['clip_model']}:{index_run['clip_pretrained']}"
@@ -580,7 +605,9 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
 
         with _stage(times, "concepts"):
             cached = _stored_concept_embeddings(reader, clip_key, texts)
-            concept_emb_np, n_encoded = encode_concepts(texts, clip_key, cached, load_text_tower, template, progress)
+            concept_emb_np, n_encoded = encode_concepts(
+                texts, clip_key, cached, load_text_tower, template, progress
+            )
         if n_encoded:
             notes.append(f"encoded {n_encoded} new concept texts")
         with _stage(times, "write"):
@@ -624,7 +651,9 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
         def get_acts(layer: str) -> torch.Tensor:
             ids, acts = reader.layer_activations(layer)
             if not np.array_equal(ids, image_ids):
-                raise CacheError(f"activations of {layer} and image embeddings disagree on images; rebuild the cache")
+                raise CacheError(
+                    f"activations of {layer} and image embeddings disagree on images; rebuild the cache"
+                )
             return torch.from_numpy(acts)
 
         summaries = _score_and_write_layers(
@@ -645,7 +674,9 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             device,
         )
         with _stage(times, "scoring"):
-            img_top, img_sims, lse = image_concept_summary(image_emb, concept_emb, _softmax_temperature(similarity, hp))
+            img_top, img_sims, lse = image_concept_summary(
+                image_emb, concept_emb, _softmax_temperature(similarity, hp)
+            )
         with _stage(times, "write"):
             writer.write_image_concepts(run_id, image_ids, concept_ids[img_top], img_sims)
             writer.write_image_softmax(run_id, image_ids, lse)

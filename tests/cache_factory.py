@@ -17,11 +17,11 @@ from dissect_tui.store import CacheWriter
 DEFAULT_LAYERS = {"conv1": 8, "layer1": 16, "layer4": 12, "fc": 10}
 
 
-def _thumb(rng: np.random.Generator) -> tuple[bytes, int, int]:
+def _thumb(rng: np.random.Generator) -> bytes:
     arr = rng.integers(0, 255, size=(24, 32, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue(), 32, 24
+    return buf.getvalue()
 
 
 def make_cache(
@@ -104,7 +104,7 @@ def make_cache(
         w.write_concept_embeddings("tiny:none", cids, con_emb)
         w.write_image_embeddings(ok_ids, img_emb)
         w.write_run_concepts(run_id, cids)
-        thumbs: dict[int, tuple[bytes, int, int]] = {}
+        thumbs: dict[int, bytes] = {}
         for layer, k in layers.items():
             target = np.array([(u * 7) % m for u in range(k)])
             acts = p[:, target] * 3 + rng.normal(scale=0.1, size=(n_images, k)).astype(np.float32)

@@ -55,7 +55,11 @@ def add_scoring_options(p: argparse.ArgumentParser, defaults: bool) -> None:
         default=0.16 if defaults else None,
         help="interpretability cutoff τ on the score (default 0.16, the paper's)",
     )
-    p.add_argument("--template", help='prompt template for concept texts, e.g. "a photo of {}" (default: as written)')
-    p.add_argument("--top-concepts", type=int, default=100, help="top concepts stored per neuron (default 100)")
+    p.add_argument(
+        "--template", help='prompt template for concept texts, e.g. "a photo of {}" (default: as written)'
+    )
+    p.add_argument(
+        "--top-concepts", type=int, default=100, help="top concepts stored per neuron (default 100)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")

@@ -25,13 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="torchvision model name (resnet50, vit_b_16, …) or path/file.py:factory / package.module:factory")
+    p.add_argument(
+        "model",
+        help="torchvision model name (resnet50, vit_b_16, …) or path/file.py:factory / package.module:factory",
+    )
     p.add_argument(
         "--weights",
         help="torchvision weights name (default: the model's default), 'none' (random init) or a local "
         "state-dict file (.pth/.pt/.safetensors)",
     )
-    p.add_argument("--layers", action="append", metavar="A,B,…", help="layers to record (default per model family)")
+    p.add_argument(
+        "--layers", action="append", metavar="A,B,…", help="layers to record (default per model family)"
+    )
     p.add_argument(
         "--probe",
         action="append",
@@ -39,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="probe images, repeatable (union): a folder, a text file listing image paths, cifar100, "
         "cifar100-test, cifar100:/path/to/cifar-100-python, synthetic:N (default: cifar100)",
     )
-    p.add_argument("--concepts", default="20k", help=f"concept set: {', '.join(SHIPPED)} or a text file (default 20k)")
+    p.add_argument(
+        "--concepts", default="20k", help=f"concept set: {', '.join(SHIPPED)} or a text file (default 20k)"
+    )
     p.add_argument(
         "--clip",
         default="ViT-B-16:openai",
@@ -51,10 +58,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_scoring_options(p, defaults=True)
     p.add_argument("--top-images", type=int, default=100, help="top images stored per neuron (default 100)")
     p.add_argument("--db", type=Path, help="output file (default cache/MODEL.duckdb)")
-    p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="home of caches and downloads (default ./cache)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path("cache"), help="home of caches and downloads (default ./cache)"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: bf16 on CUDA, fp32 on CPU",
+    )
     p.add_argument("--batch-size", type=int, help="images per batch (default 256 on CUDA, 32 on CPU)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default min(8, cores) on CUDA, 0 on CPU)")
+    p.add_argument(
+        "--workers", type=int, help="image decoding processes (default min(8, cores) on CUDA, 0 on CPU)"
+    )
     p.set_defaults(func=run)
 
 

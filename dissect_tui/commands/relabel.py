@@ -16,8 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "concept texts that the cache has no embedding for are encoded (needs the run's CLIP weights).",
     )
     p.add_argument("db", help="cache file or model name (cache/NAME.duckdb)")
-    p.add_argument("--concepts", help=f"concept set: {', '.join(SHIPPED)} or a text file (default: the base run's)")
-    p.add_argument("--clip", metavar="NAME[:PRETRAINED]", help="where the run's CLIP weights are here, if they must be loaded")
+    p.add_argument(
+        "--concepts", help=f"concept set: {', '.join(SHIPPED)} or a text file (default: the base run's)"
+    )
+    p.add_argument(
+        "--clip",
+        metavar="NAME[:PRETRAINED]",
+        help="where the run's CLIP weights are here, if they must be loaded",
+    )
     p.add_argument("--run", type=int, help="base run (default: the latest)")
     add_scoring_options(p, defaults=False)
     p.set_defaults(func=run)

@@ -39,6 +39,10 @@ def open_cache(path: str | Path) -> CacheReader:
         raise CacheError(f"{path} is a folder, not a cache file")
     if path.stat().st_size == 0:
         raise CacheError(f"{path} is empty (0 bytes), not a dissect-tui cache")
+    with path.open("rb") as fh:
+        header = fh.read(12)
+    if header[8:12] != b"DUCK":  # DuckDB's magic bytes; anything else would get a confusing message
+        raise CacheError(f"{path} is not a DuckDB file (is it a dissect-tui cache?)")
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
@@ -207,7 +211,8 @@ class CacheReader:
         )
         ids = tbl.column("image_id").to_numpy().astype(np.int64)
         acts_col = tbl.column("acts").combine_chunks()
-        flat = acts_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        # a writable copy: callers hand these to torch, which warns on read-only buffers
+        flat = np.array(acts_col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
         k = len(flat) // max(len(ids), 1)
         return ids, flat.reshape(len(ids), k)
 
@@ -215,8 +220,10 @@ class CacheReader:
         """(image_ids [N], emb [N, D]) in image_id order."""
         tbl = self._arrow("SELECT image_id, emb FROM image_embeddings ORDER BY image_id")
         ids = tbl.column("image_id").to_numpy().astype(np.int64)
-        flat = tbl.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return ids, flat.astype(np.float32, copy=False).reshape(len(ids), -1)
+        flat = np.array(
+            tbl.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32
+        )
+        return ids, flat.reshape(len(ids), -1)
 
     def run_concepts(self, run_id: int) -> tuple[np.ndarray, list[str]]:
         rows = self.con.execute(

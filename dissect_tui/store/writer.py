@@ -9,6 +9,7 @@ previous cache is untouched.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from dissect_tui import __version__
 from dissect_tui.errors import CacheError
@@ -111,12 +113,19 @@ class CacheWriter:
         _remove_db_files(self.tmp_path)
 
     # -- helpers ---------------------------------------------------------------------
-    def _insert_arrow(self, table: str, data: dict[str, Any]) -> None:
+    def _insert_arrow(
+        self, table: str, data: dict[str, Any], constants: dict[str, Any] | None = None
+    ) -> None:
+        """Bulk insert columns (Arrow arrays); ``constants`` fill whole columns from one bound value."""
+        constants = constants or {}
         arrow = pa.table(data)
         self.con.register("_incoming", arrow)
         try:
-            cols = ", ".join(data)
-            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+            cols = ", ".join([*constants, *data])
+            select = ", ".join(["?" for _ in constants] + list(data))
+            self.con.execute(
+                f"INSERT INTO {table} ({cols}) SELECT {select} FROM _incoming", list(constants.values())
+            )
         finally:
             self.con.unregister("_incoming")
 
@@ -191,17 +200,19 @@ class CacheWriter:
             },
         )
 
-    def write_thumbnails(self, thumbs: dict[int, tuple[bytes, int, int]]) -> None:
+    def write_thumbnails(self, thumbs: dict[int, bytes]) -> None:
+        """image_id -> JPEG bytes; width/height are read from the JPEG header."""
         if not thumbs:
             return
         ids = sorted(thumbs)
+        sizes = [_jpeg_size(thumbs[i]) for i in ids]
         self._insert_arrow(
             "thumbnails",
             {
                 "image_id": pa.array(ids, type=pa.int32()),
-                "jpeg": pa.array([thumbs[i][0] for i in ids], type=pa.binary()),
-                "width": pa.array([thumbs[i][1] for i in ids], type=pa.int32()),
-                "height": pa.array([thumbs[i][2] for i in ids], type=pa.int32()),
+                "jpeg": pa.array([thumbs[i] for i in ids], type=pa.binary()),
+                "width": pa.array([s[0] for s in sizes], type=pa.int32()),
+                "height": pa.array([s[1] for s in sizes], type=pa.int32()),
             },
         )
 
@@ -284,11 +295,8 @@ class CacheWriter:
         n = len(image_ids)
         self._insert_arrow(
             "activation_rows",
-            {
-                "layer": pa.array([layer] * n, type=pa.string()).dictionary_encode(),
-                "image_id": pa.array(np.asarray(image_ids, dtype=np.int32)),
-                "acts": _float_list_array(acts),
-            },
+            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
+            constants={"layer": layer},
         )
 
     def write_top_images(self, layer: str, image_ids: np.ndarray, values: np.ndarray) -> None:
@@ -297,12 +305,12 @@ class CacheWriter:
         self._insert_arrow(
             "top_images",
             {
-                "layer": pa.array([layer] * (k * r), type=pa.string()).dictionary_encode(),
                 "unit": pa.array(np.repeat(np.arange(k, dtype=np.int32), r)),
                 "rank": pa.array(np.tile(np.arange(1, r + 1, dtype=np.int32), k)),
                 "image_id": pa.array(np.asarray(image_ids, dtype=np.int32).reshape(-1)),
                 "activation": pa.array(np.asarray(values, dtype=np.float32).reshape(-1)),
             },
+            constants={"layer": layer},
         )
 
     def write_neurons(
@@ -319,14 +327,13 @@ class CacheWriter:
         self._insert_arrow(
             "neurons",
             {
-                "run_id": pa.array(np.full(k, run_id, dtype=np.int32)),
-                "layer": pa.array([layer] * k, type=pa.string()),
                 "unit": pa.array(np.arange(k, dtype=np.int32)),
                 "label": pa.array(list(labels), type=pa.string()),
                 "concept_id": pa.array(np.asarray(concept_ids, dtype=np.int32)),
                 "similarity": pa.array(scores),
                 "interpretable": pa.array(scores > cutoff),
             },
+            constants={"run_id": run_id, "layer": layer},
         )
 
     def write_neuron_concepts(
@@ -337,13 +344,12 @@ class CacheWriter:
         self._insert_arrow(
             "neuron_concepts",
             {
-                "run_id": pa.array(np.full(k * t, run_id, dtype=np.int32)),
-                "layer": pa.array([layer] * (k * t), type=pa.string()).dictionary_encode(),
                 "unit": pa.array(np.repeat(np.arange(k, dtype=np.int32), t)),
                 "rank": pa.array(np.tile(np.arange(1, t + 1, dtype=np.int32), k)),
                 "concept_id": pa.array(np.asarray(concept_ids, dtype=np.int32).reshape(-1)),
                 "score": pa.array(np.asarray(scores, dtype=np.float32).reshape(-1)),
             },
+            constants={"run_id": run_id, "layer": layer},
         )
 
     def write_image_concepts(
@@ -402,6 +408,14 @@ class CacheWriter:
                 "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
                 [run_id, analysis, metric, None if value is None else float(value), details],
             )
+
+
+def _jpeg_size(data: bytes) -> tuple[int | None, int | None]:
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            return im.size
+    except (OSError, ValueError):
+        return None, None
 
 
 def _now() -> datetime:

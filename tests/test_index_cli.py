@@ -1,0 +1,291 @@
+"""End to end through the CLI: a tiny random CNN, a tiny random open_clip model on disk,
+generated images in nested folders (plus broken files) -> a cache with every documented
+relation filled and consistent; relabel; failures as one clear line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from tiny_clip import make_tiny_clip
+from tiny_models import BROKEN_FILES, make_image_tree, write_tiny_cnn_factory
+
+from dissect_tui import similarity
+from dissect_tui.cli import main
+from dissect_tui.concepts import load_concepts
+from dissect_tui.store import open_cache
+from dissect_tui.store.schema import RELATIONS
+
+N_IMAGES = 120
+LAYERS = ["conv1", "layer1", "layer2", "fc"]
+WIDTHS = {"conv1": 8, "layer1": 16, "layer2": 24, "fc": 10}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    images = make_image_tree(root, N_IMAGES, broken=True)
+    factory = write_tiny_cnn_factory(root)
+    clip = make_tiny_clip(root)
+    db = root / "tiny.duckdb"
+    args = [
+        "index",
+        factory,
+        "--layers",
+        ",".join(LAYERS),
+        "--probe",
+        str(images),
+        "--clip",
+        clip.spec,
+        "--concepts",
+        "cifar100",
+        "--db",
+        str(db),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        "--top-images",
+        "50",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    return {"root": root, "images": images, "factory": factory, "clip": clip, "db": db, "args": args}
+
+
+def q(db: Path, sql: str, params=None):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_every_documented_relation_exists_and_is_filled(workspace):
+    db = workspace["db"]
+    with open_cache(db) as r:
+        for rel in RELATIONS:
+            if rel == "metrics":  # written by evaluate/analyze, empty after index
+                continue
+            n = r.query(f"SELECT count(*) FROM {rel}")[1][0][0]
+            assert n > 0, rel
+
+
+def test_counts_ranks_and_ids_are_consistent(workspace):
+    db = workspace["db"]
+    n_total = N_IMAGES + len(BROKEN_FILES)
+    assert q(db, "SELECT count(*), count(*) FILTER (WHERE NOT ok) FROM images") == [
+        (n_total, len(BROKEN_FILES))
+    ]
+    # stable ids: sorted relative paths
+    paths = [p for (p,) in q(db, "SELECT path FROM images ORDER BY image_id")]
+    rel = [os.path.relpath(p, workspace["images"]) for p in paths]
+    assert rel == sorted(rel)
+    failed = {
+        os.path.relpath(p, workspace["images"]) for (p,) in q(db, "SELECT path FROM images WHERE NOT ok")
+    }
+    assert failed == set(BROKEN_FILES)
+    assert q(db, "SELECT count(*) FROM image_embeddings") == [(N_IMAGES,)]
+    assert q(db, "SELECT count(*) FROM image_embeddings JOIN images USING (image_id) WHERE NOT ok") == [(0,)]
+    m = len(load_concepts("cifar100"))
+    assert q(db, "SELECT count(*) FROM concepts") == [(m,)]
+    assert q(db, "SELECT count(*) FROM concept_embeddings") == [(m,)]
+    assert q(db, "SELECT count(*) FROM p") == [(N_IMAGES * m,)]
+    for layer in LAYERS:
+        k = WIDTHS[layer]
+        assert q(db, "SELECT n_units FROM layers WHERE layer = ?", [layer]) == [(k,)]
+        assert q(
+            db,
+            "SELECT count(*), min(len(acts)), max(len(acts)) FROM activation_rows WHERE layer = ?",
+            [layer],
+        ) == [(N_IMAGES, k, k)]
+        assert q(db, "SELECT count(*) FROM activations WHERE layer = ?", [layer]) == [(N_IMAGES * k,)]
+        # top images: 50 per unit, ranks 1..50, descending activations, ids of decoded images
+        assert q(
+            db,
+            "SELECT count(DISTINCT unit), min(rank), max(rank), count(*) FROM top_images WHERE layer = ?",
+            [layer],
+        ) == [(k, 1, 50, k * 50)]
+        bad = q(
+            db,
+            "SELECT count(*) FROM top_images a JOIN top_images b ON a.layer = b.layer AND a.unit = b.unit "
+            "AND b.rank = a.rank + 1 WHERE a.layer = ? AND b.activation > a.activation",
+            [layer],
+        )
+        assert bad == [(0,)]
+        assert q(db, "SELECT count(*) FROM neurons WHERE layer = ?", [layer]) == [(k,)]
+        assert q(db, "SELECT count(*) FROM neuron_concepts WHERE layer = ?", [layer]) == [(k * min(100, m),)]
+    # the stored top activation is the stored activation of that image
+    mismatch = q(
+        db,
+        "SELECT count(*) FROM top_images t JOIN activation_rows a ON a.layer = t.layer AND a.image_id = t.image_id "
+        "WHERE abs(a.acts[t.unit + 1] - t.activation) > 1e-6",
+    )
+    assert mismatch == [(0,)]
+    # label = rank-1 concept, score = its score, interpretable = score > cutoff
+    wrong = q(
+        db,
+        "SELECT count(*) FROM neurons n JOIN neuron_concepts nc USING (run_id, layer, unit) "
+        "JOIN concepts c ON c.concept_id = nc.concept_id JOIN runs r USING (run_id) "
+        "WHERE nc.rank = 1 AND (c.text <> n.label OR abs(nc.score - n.similarity) > 1e-5 "
+        "OR n.interpretable <> (n.similarity > r.cutoff))",
+    )
+    assert wrong == [(0,)]
+    # thumbnails: exactly the images in some top-10 list
+    assert q(
+        db,
+        "SELECT count(*) FROM (SELECT DISTINCT image_id FROM top_images WHERE rank <= 10) t "
+        "FULL JOIN thumbnails USING (image_id) WHERE t.image_id IS NULL OR thumbnails.jpeg IS NULL",
+    ) == [(0,)]
+    run = q(db, "SELECT kind, n_images, n_failed_images, similarity, stage_seconds FROM runs")
+    assert run[0][:4] == ("index", n_total, len(BROKEN_FILES), "soft_wpmi")
+    assert "images" in run[0][4]
+
+
+def test_stored_activations_and_labels_match_a_direct_computation(workspace):
+    """Recompute one image's activations with the model, and SoftWPMI from stored data."""
+    from dissect_tui.clip_backend import load_clip
+    from dissect_tui.probe import resolve_probe
+    from dissect_tui.targets import LayerRecorder, load_target
+
+    db = workspace["db"]
+    target = load_target(workspace["factory"])
+    probe = resolve_probe([str(workspace["images"])], Path("cache"))
+    image_id = 5
+    img = probe.open(image_id)
+    with LayerRecorder(target.model, LAYERS, pool="mean") as rec, torch.inference_mode():
+        target.model(target.preprocess(img)[None])
+        direct = rec.pop()
+    with open_cache(db) as r:
+        for layer in LAYERS:
+            ids, acts = r.layer_activations(layer)
+            row = acts[list(ids).index(image_id)]
+            np.testing.assert_allclose(row, direct[layer][0].numpy(), rtol=1e-4, atol=1e-5)
+        # image embedding = CLIP of the same decode
+        clip = load_clip(workspace["clip"].spec)
+        emb = clip.encode_images(clip.preprocess(img)[None])[0].numpy()
+        ids, embs = r.image_embeddings()
+        np.testing.assert_allclose(embs[list(ids).index(image_id)], emb, atol=1e-5)
+        # labels = argmax of the reference soft_wpmi on P = I Tᵀ
+        run = r.run()
+        cids, texts = r.run_concepts(run["run_id"])
+        t = torch.from_numpy(r.concept_embeddings(run["clip_key"], cids))
+        p = torch.from_numpy(embs) @ t.T
+        neurons = r.neurons(run["run_id"])
+        for layer in LAYERS:
+            _, acts = r.layer_activations(layer)
+            scores = similarity.soft_wpmi(torch.from_numpy(acts).double(), p.double())
+            expected = [texts[i] for i in scores.argmax(1).tolist()]
+            got = list(neurons["label"][neurons["layer"] == layer])
+            assert got == expected
+
+
+def test_relabel_changes_labels_and_keeps_the_index_run(workspace, tmp_path):
+    db = tmp_path / "relabel.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    assert main(["relabel", str(db), "--concepts", "3k", "--clip", workspace["clip"].spec, "--quiet"]) == 0
+    assert main(["relabel", str(db), "--similarity", "cos", "--cutoff", "0.5", "--quiet"]) == 0
+    with open_cache(db) as r:
+        runs = r.runs()
+        assert [(x["kind"], x["similarity"], x["concept_set"]) for x in runs] == [
+            ("index", "soft_wpmi", "cifar100"),
+            ("relabel", "soft_wpmi", "3k"),
+            ("relabel", "cos", "3k"),
+        ]
+        assert runs[2]["cutoff"] == 0.5 and runs[2]["parent_run_id"] == 2
+        three_k = set(load_concepts("3k").texts)
+        labels2 = r.neurons(2)["label"]
+        assert set(labels2) <= three_k
+        assert not set(labels2) <= set(load_concepts("cifar100").texts)
+        # run 3 reused run 2's embeddings (no CLIP given) and its labels are the cos argmax
+        cids, texts = r.run_concepts(3)
+        t = torch.from_numpy(r.concept_embeddings(runs[2]["clip_key"], cids))
+        _, embs = r.image_embeddings()
+        p = torch.from_numpy(embs) @ t.T
+        n3 = r.neurons(3)
+        for layer in LAYERS:
+            _, acts = r.layer_activations(layer)
+            expected = similarity.cos(torch.from_numpy(acts).double(), p.double()).argmax(1)
+            assert list(n3["label"][n3["layer"] == layer]) == [texts[i] for i in expected.tolist()]
+        assert (n3["interpretable"] == (n3["similarity"] > 0.5)).all()
+        # the index run's rows are untouched
+        assert len(r.neurons(1)["label"]) == sum(WIDTHS.values())
+
+
+def test_relabel_with_same_settings_reproduces_labels(workspace, tmp_path):
+    db = tmp_path / "same.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    assert main(["relabel", str(db), "--quiet"]) == 0
+    with open_cache(db) as r:
+        a, b = r.neurons(1), r.neurons(2)
+        assert list(a["label"]) == list(b["label"])
+        np.testing.assert_allclose(a["similarity"], b["similarity"], rtol=1e-5)
+
+
+def test_ctrl_c_leaves_previous_cache_and_no_temp_files(workspace, monkeypatch, capsys):
+    from dissect_tui import scoring
+
+    db = workspace["db"]
+    before = db.read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scoring, "score_layer", interrupted)
+    assert main(workspace["args"]) == 130
+    assert db.read_bytes() == before
+    leftovers = [p.name for p in db.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"model": "resnet9000"}, "unknown model"),
+        ({"--layers": "conv1,nope"}, "nope"),
+        ({"--concepts": "no-such-set"}, "unknown concept set"),
+        ({"--clip": "NoSuchClip-B-99:none"}, "NoSuchClip-B-99"),
+        ({"--probe": "/no/such/folder"}, "/no/such/folder"),
+        ({"--similarity": None, "--hp": "zeta=3"}, "zeta"),
+    ],
+)
+def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, change, expected):
+    args = list(workspace["args"])
+    args[args.index("--db") + 1] = str(tmp_path / "x.duckdb")
+    for key, value in change.items():
+        if key == "model":
+            args[1] = value
+        elif value is None:
+            continue
+        elif key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_empty_probe_folder_fails_clearly(workspace, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = list(workspace["args"])
+    args[args.index("--probe") + 1] = str(empty)
+    args[args.index("--db") + 1] = str(tmp_path / "x.duckdb")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(empty) in err and "Traceback" not in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dissect_tui", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "index" in out.stdout and "relabel" in out.stdout
