@@ -292,7 +292,6 @@ class CacheWriter:
 
     def write_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
         """One FLOAT[K] list per (layer, image): DuckDB arrays cap at 100k elements, lists don't."""
-        n = len(image_ids)
         self._insert_arrow(
             "activation_rows",
             {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
