@@ -179,7 +179,8 @@ class WeightAnalysis:
         out += [
             (f"{prefix}.all", self.all_mean),
             (f"{prefix}.pearson_all", self.corr_all),
-            (f"{prefix}.pearson_top{self.n_top}", self.corr_top),
+            (f"{prefix}.pearson_top", self.corr_top),
+            (f"{prefix}.n_top", float(self.n_top)),  # how many weights pearson_top covers
         ]
         return out
 

@@ -106,8 +106,8 @@ class SentenceEncoder:
         return _normalise(np.asarray(emb))
 
 
-def load_mpnet(spec: str = DEFAULT_MPNET, device: str = "cpu") -> SentenceEncoder:
-    """A sentence-transformers model by hub name or local folder.
+def load_mpnet(spec: str = DEFAULT_MPNET, device: str | None = None) -> SentenceEncoder:
+    """A sentence-transformers model by hub name or local folder (device None: its own choice).
 
     Raises MissingDependency when sentence-transformers is not installed, OfflineError when
     the hub download fails (naming the local-folder option), UserError for a bad folder.

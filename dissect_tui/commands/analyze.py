@@ -150,6 +150,7 @@ def _similarity_matrix(encoder: Any, class_names: list[str], labels: list[str]) 
 
 def run_weights(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dissect_tui.evaluation import weight_similarity
@@ -176,11 +177,13 @@ def run_weights(args: argparse.Namespace) -> int:
             for key, enc in encoders.items()
         }
 
-    table = Table(
-        title=f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · W {w.shape[0]}×{w.shape[1]} · classes "
-        f"{ctx.classes_spec}: similarity(class, label of the neuron with the k-th highest weight)",
-        title_justify="left",
+    console.print(
+        f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · W {w.shape[0]}×{w.shape[1]} · classes "
+        f"{ctx.classes_spec}\nk-th: similarity(class c, label of the neuron with c's k-th highest weight), "
+        "mean over classes; mean top-k: the same averaged over the k highest weights",
+        markup=False,
     )
+    table = Table()
     table.add_column("k", justify="right")
     for key in results:
         table.add_column(f"{key} k-th", justify="right")
@@ -195,14 +198,16 @@ def run_weights(args: argparse.Namespace) -> int:
             f"{key}: Pearson(weight, similarity) = {r.corr_all:.4f} over all {w.size:,} weights, "
             f"{r.corr_top:.4f} over the top {r.n_top:,}"
         )
-    console.print(f"\n{encoders['clip'].name} similarity by weight rank (last bar: mean over all weights)")
+    console.print(
+        f"\n{encoders['clip'].name} similarity by weight rank (last bar: mean over all weights)", markup=False
+    )
     clip = results["clip"]
     plot = bar_plot([f"k={k}" for k in clip.ks] + ["all"], clip.kth + [clip.all_mean])
     console.print(plot, markup=False, highlight=False)
     if getattr(encoders["clip"], "n_encoded", 0):
         notes.append(f"{encoders['clip'].n_encoded} texts were encoded with {encoders['clip'].name}")
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
     if not args.no_save:
         details = json.dumps(
@@ -215,7 +220,7 @@ def run_weights(args: argparse.Namespace) -> int:
             }
         )
         rows = [(m, v, details) for key, r in results.items() for m, v in r.rows(key)]
-        console.print(store_rows(path, [(ctx.run_id, "weights", rows)]))
+        console.print(escape(store_rows(path, [(ctx.run_id, "weights", rows)])))
     return 0
 
 
@@ -227,6 +232,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dissect_tui.evaluation import predict_from_descriptions
@@ -260,7 +266,8 @@ def run_predict(args: argparse.Namespace) -> int:
         )
 
     console.print(
-        f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · classes {ctx.classes_spec} · {res.n_images:,} images"
+        f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · classes {ctx.classes_spec} · {res.n_images:,} images",
+        markup=False,
     )
     console.print(
         f"[bold]prediction from descriptions agrees with the network on {100 * res.accuracy:.2f}%[/] of probe "
@@ -281,14 +288,14 @@ def run_predict(args: argparse.Namespace) -> int:
         agree = float(np.mean(res.description_pred[mask] == res.network_pred[mask]))
         table.add_row(
             f"{ctx.input_layer}:{j}",
-            labels[j],
-            ctx.class_names[label_class[j]],
+            escape(labels[j]),
+            escape(ctx.class_names[label_class[j]]),
             f"{count:,}",
             f"{100 * agree:.0f}%",
         )
     console.print(table)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
     if not args.no_save:
         details = json.dumps(
@@ -305,7 +312,7 @@ def run_predict(args: argparse.Namespace) -> int:
             ("n_images", float(res.n_images), details),
             ("linear_agreement", res.linear_agreement, details),
         ]
-        console.print(store_rows(path, [(ctx.run_id, "predict", rows)]))
+        console.print(escape(store_rows(path, [(ctx.run_id, "predict", rows)])))
     return 0
 
 
@@ -328,6 +335,7 @@ def parse_levels(text: str) -> list[float]:
 
 def run_interpretability(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dissect_tui.evaluation import crossing_thresholds, interpretable_fraction
@@ -352,8 +360,8 @@ def run_interpretability(args: argparse.Namespace) -> int:
     )
     table.add_column("layer")
     table.add_column("neurons", justify="right")
-    table.add_column(f"interpretable @ {tau:g}", justify="right")
-    table.add_column("", justify="left")
+    table.add_column("interpretable", justify="right")
+    table.add_column("", justify="left", no_wrap=True, min_width=12)
     for level in levels:
         table.add_column(f"τ @ {100 * level:g}%", justify="right")
     rows: list[tuple[str, float | None, str | None]] = []
@@ -364,7 +372,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
             layer,
             f"{len(s):,}",
             f"{100 * frac:.1f}%",
-            hbar(frac, 0.0, 1.0, 20),
+            hbar(frac, 0.0, 1.0, 12),
             *(f"{t:.4f}" for t in crossings),
         )
         detail = json.dumps({"layer": layer, "tau": tau, "n_units": len(s)})
@@ -380,5 +388,5 @@ def run_interpretability(args: argparse.Namespace) -> int:
             f"[yellow]note:[/] τ = 0.16 is calibrated for soft_wpmi; this run used {run.get('similarity')}"
         )
     if not args.no_save:
-        console.print(store_rows(path, [(rid, "interpretability", rows)]))
+        console.print(escape(store_rows(path, [(rid, "interpretability", rows)])))
     return 0

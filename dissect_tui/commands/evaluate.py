@@ -212,7 +212,8 @@ def mpnet_encoder(spec: str | None, device: str, notes: list[str]) -> Any | None
     if spec is not None and spec.strip().lower() == "none":
         return None
     try:
-        return ts.load_mpnet(spec or ts.DEFAULT_MPNET, resolve_device(device))
+        # sentence-transformers picks CUDA itself; resolving "auto" here would import torch early
+        return ts.load_mpnet(spec or ts.DEFAULT_MPNET, None if device == "auto" else device)
     except ts.MissingDependency as exc:
         notes.append(f"mpnet skipped: {exc}")
     except OfflineError as exc:
@@ -242,8 +243,8 @@ def store_rows(path: Path, entries: list[tuple[int, str, list[tuple[str, float |
 
     save_metrics(path, entries)
     n = sum(len(rows) for _, _, rows in entries)
-    names = ", ".join(sorted({a for _, a, _ in entries}))
-    return f"stored {n} metrics in {path} (SELECT * FROM metrics WHERE analysis IN ('{names}'))"
+    names = ", ".join(f"'{a}'" for a in sorted({a for _, a, _ in entries}))
+    return f"stored {n} metrics in {path} (SELECT * FROM metrics WHERE analysis IN ({names}))"
 
 
 # --------------------------------------------------------------------------------------
@@ -396,6 +397,7 @@ COLUMNS = [
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dissect_tui.evaluation import LabelMetrics
@@ -421,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
         f"run {ctx.run_id} · {ctx.layer} ({ctx.n_units:,} units) · classes {ctx.classes_spec} · "
         f"concepts {ctx.run.get('concept_set')} ({ctx.run.get('n_concepts') or '?'}) · {what}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("similarity")
     for _, head in COLUMNS:
         table.add_column(head, justify="right")
@@ -434,12 +436,13 @@ def run(args: argparse.Namespace) -> int:
         f"units {first.n_units:,}; class names in the concept set: {first.n_matched:,}"
         + (f"; ranks over {first.rank_scope}" if first.rank_scope and first.top1 is not None else "")
         + f"; text encoders: {enc.name}"
-        + (f", {mp.name}" if mp is not None else "")
+        + (f", {mp.name}" if mp is not None else ""),
+        markup=False,
     )
     for m in results.values():
         notes.extend(n for n in m.notes if n not in notes)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
     if not args.no_save:
         entries = []
@@ -457,5 +460,5 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             entries.append((ctx.run_id, analysis, [(k, v, details) for k, v in m.rows() if v is not None]))
-        console.print(store_rows(path, entries))
+        console.print(escape(store_rows(path, entries)))
     return 0
