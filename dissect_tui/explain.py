@@ -1,0 +1,190 @@
+"""The non-UI bridge for concept queries and two-concept explanations over a stored run.
+
+Loads the run's CLIP text tower, encodes new texts, and scores them with SoftWPMI against the
+stored image embeddings, top images and per-image softmax denominators
+(dissect_tui.concept_query does the maths). Imports torch: the TUI imports this module only
+inside a worker thread, the first time a feature needs CLIP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from dissect_tui.errors import UserError
+from dissect_tui.store.browse import NeuronTable
+from dissect_tui.store.reader import CacheReader
+
+TOP_IMAGES = 100  # SoftWPMI's B_k: the top 100 images of each neuron
+BREADTHS = (10, 20, 100)
+
+
+class Cancelled(Exception):
+    """Raised from a progress callback when the user cancelled the computation."""
+
+
+class Explainer:
+    """One run's CLIP and stored tensors, loaded lazily and kept for the session.
+
+    ``cursor`` returns a fresh CacheReader on its own DuckDB cursor (one per calling thread).
+    """
+
+    def __init__(self, cursor: Callable[[], CacheReader], run: dict[str, Any]) -> None:
+        self._cursor = cursor
+        self.run = run
+        hp = run.get("hyperparameters") or {}
+        self.a = float(hp.get("a", 10)) if isinstance(hp, dict) else 10.0
+        self.lam = float(hp.get("lam", hp.get("lambda", 1))) if isinstance(hp, dict) else 1.0
+        self._clip: Any = None
+        self._images: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
+        self._tops: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------------
+    @property
+    def clip_spec(self) -> str:
+        return f"{self.run.get('clip_model')}:{self.run.get('clip_pretrained')}"
+
+    def clip(self) -> Any:
+        with self._lock:
+            if self._clip is None:
+                from dissect_tui.clip_backend import load_clip
+
+                try:
+                    self._clip = load_clip(self.clip_spec)
+                except UserError as exc:
+                    raise UserError(
+                        f"concept queries need this run's CLIP ({self.clip_spec}): {exc}"
+                    ) from None
+                except Exception as exc:  # a damaged or mismatched checkpoint
+                    raise UserError(f"cannot load this run's CLIP {self.clip_spec}: {exc}") from None
+            return self._clip
+
+    def _image_data(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(image ids [N] sorted, embeddings [N, D], softmax log-denominators [N]) of the run."""
+        if self._images is None:
+            cur = self._cursor()
+            try:
+                ids, emb = cur.image_embeddings()
+                lse_ids, lse = cur.image_softmax(self.run["run_id"])
+            finally:
+                cur.close()
+            lse_full = np.full(len(ids), np.nan, dtype=np.float32)
+            pos = np.searchsorted(ids, lse_ids)
+            ok = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == lse_ids) if len(ids) else pos < 0
+            lse_full[pos[ok]] = lse[ok]
+            self._images = (ids, torch.from_numpy(emb), torch.from_numpy(lse_full))
+        return self._images
+
+    def top_rows(self, layer: str) -> torch.Tensor:
+        """[K, R] rows into the image embeddings of every neuron's top images."""
+        if layer not in self._tops:
+            ids, _, _ = self._image_data()
+            cur = self._cursor()
+            try:
+                top_ids = cur.layer_top_images(layer, n=TOP_IMAGES)
+            finally:
+                cur.close()
+            rows = np.searchsorted(ids, top_ids)
+            if (
+                len(ids) == 0
+                or np.any(rows >= len(ids))
+                or np.any(ids[np.minimum(rows, len(ids) - 1)] != top_ids)
+            ):
+                raise UserError(f"layer {layer}: a top image has no stored embedding; rebuild the cache")
+            self._tops[layer] = torch.from_numpy(rows.astype(np.int64))
+        return self._tops[layer]
+
+    # -- concept query ---------------------------------------------------------------------
+    def encode(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        clip = self.clip()
+        emb = clip.encode_texts(texts, batch_size=64, on_batch=on_batch)
+        _, img, _ = self._image_data()
+        if emb.shape[1] != img.shape[1]:
+            raise UserError(
+                f"CLIP {self.clip_spec} gives {emb.shape[1]}-d text embeddings but the cache stores "
+                f"{img.shape[1]}-d image embeddings"
+            )
+        return emb.float().cpu()
+
+    def query_scores(self, texts: list[str], table: NeuronTable) -> np.ndarray:
+        """SoftWPMI score of every neuron of ``table`` for each free text: [len(table), len(texts)]."""
+        new_emb = self.encode(texts)  # first: a missing CLIP is the likely failure
+        from dissect_tui.concept_query import score_free_concepts
+
+        _, img, lse = self._image_data()
+        out = np.full((len(table), len(texts)), np.nan, dtype=np.float64)
+        for li, layer in enumerate(table.layers):
+            where = np.flatnonzero(table.layer_idx == li)
+            if not len(where):
+                continue
+            scores = score_free_concepts(self.top_rows(layer), img, lse, new_emb, a=self.a, lam=self.lam)
+            scores = np.asarray(torch.as_tensor(scores).double().cpu())
+            out[where] = scores[table.unit[where]]
+        return out
+
+    # -- two-concept explanation of one neuron ---------------------------------------------
+    def compose(
+        self,
+        layer: str,
+        unit: int,
+        breadth: int,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
+        """Paper A.4: the neuron's top ``breadth`` single concepts and every ordered pair "w1 w2",
+        rescored together with SoftWPMI. Returns (breadth used, pairs best first, singles best first).
+        """
+        from dissect_tui.concept_query import compose_neuron, pair_texts
+
+        run_id = self.run["run_id"]
+        cur = self._cursor()
+        try:
+            rows = cur.neuron_concepts(run_id, layer, unit, limit=breadth)
+            cids, texts = cur.run_concepts(run_id)
+            by_text = dict(zip(texts, cids.tolist(), strict=True))
+            singles = [r[3] for r in rows]
+            singles_emb = cur.concept_embeddings(
+                self.run["clip_key"], np.array([by_text[t] for t in singles])
+            )
+        finally:
+            cur.close()
+        if len(singles) < 2:
+            raise UserError(f"{layer}:{unit} has fewer than two stored concepts; nothing to compose")
+        pairs = pair_texts(singles)
+        total = len(pairs)
+        done = 0
+
+        def on_batch(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+            if cancelled is not None and cancelled():
+                raise Cancelled
+
+        self.clip()  # load before reporting progress: loading is the slow first step
+        if progress is not None:
+            progress(0, total)
+        pair_emb = self.encode(pairs, on_batch=on_batch)
+        if cancelled is not None and cancelled():
+            raise Cancelled
+        _, img, _ = self._image_data()
+        ranked = compose_neuron(
+            self.top_rows(layer),
+            unit,
+            img,
+            singles,
+            torch.from_numpy(singles_emb),
+            pair_emb,
+            a=self.a,
+            lam=self.lam,
+        )
+        single_set = set(singles)
+        best_pairs = [(t, float(s)) for t, s in ranked if t not in single_set]
+        best_singles = [(t, float(s)) for t, s in ranked if t in single_set]
+        return len(singles), best_pairs, best_singles

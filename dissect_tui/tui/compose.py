@@ -1,0 +1,132 @@
+"""Two-concept explanation of one neuron (paper A.4), computed in a cancellable worker."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import ItemGrid, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, ProgressBar, Static
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from dissect_tui.errors import UserError
+from dissect_tui.tui.charts import bar_chart
+
+BREADTHS = (10, 20, 100)
+
+
+class ComposeScreen(ModalScreen):
+    """Dismisses with (breadth, pairs, singles) of the last finished result, or None."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Cancel / back"),
+        Binding("1", "breadth(10)", "Top 10"),
+        Binding("2", "breadth(20)", "Top 20"),
+        Binding("3", "breadth(100)", "Top 100"),
+        Binding("r,enter", "run", "Compute"),
+    ]
+    DEFAULT_CSS = """
+    ComposeScreen { align: center middle; }
+    ComposeScreen > Vertical { width: 100; max-width: 100%; height: auto; max-height: 100%; border: round $accent; background: $surface; padding: 0 1; }
+    ComposeScreen ProgressBar { margin: 1 0 0 0; }
+    ComposeScreen #c-results { height: auto; }
+    """
+
+    def __init__(self, key: tuple[str, int], label: str, breadth: int = 10) -> None:
+        super().__init__()
+        self.key = key
+        self.label = label
+        self.breadth = breadth
+        self.result: tuple[int, list, list] | None = None
+        self._worker: Worker | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self._title(), id="c-title")
+            yield Static("", id="c-status")
+            yield ProgressBar(id="c-progress", show_eta=False)
+            with ItemGrid(id="c-results", min_column_width=44):
+                yield Static("", id="c-pairs")
+                yield Static("", id="c-singles")
+        yield Footer()
+
+    def _title(self) -> Text:
+        layer, unit = self.key
+        return Text.assemble(
+            ("Two-concept explanation ", "bold"),
+            f"of {layer}:{unit} (label: {self.label}) · breadth: top {self.breadth} concepts "
+            f"→ {self.breadth * (self.breadth - 1):,} pairs",
+        )
+
+    def on_mount(self) -> None:
+        stored = self.app.sidecar.composition(*self.key) if self.app.sidecar is not None else None
+        if stored is not None:
+            self.breadth = stored[0]
+            self.query_one("#c-title", Static).update(self._title())
+            self._show(stored, "saved result (r recomputes; 1/2/3 choose the breadth)")
+        else:
+            self.action_run()
+
+    # -- actions -----------------------------------------------------------------------------
+    def action_breadth(self, n: int) -> None:
+        self.breadth = n
+        self.query_one("#c-title", Static).update(self._title())
+        self.action_run()
+
+    def action_run(self) -> None:
+        self.query_one("#c-status", Static).update("loading CLIP and encoding pairs…")
+        self.query_one("#c-progress", ProgressBar).update(total=None, progress=0)
+        self._worker = self.compute(self.breadth)
+
+    def action_close(self) -> None:
+        if self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+            self._worker.cancel()
+            self.query_one("#c-status", Static).update("cancelled")
+            self._worker = None
+            return
+        self.dismiss(self.result)
+
+    # -- worker ------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="compose")
+    def compute(self, breadth: int) -> None:
+        worker = get_current_worker()
+        app = self.app
+        from dissect_tui.explain import Cancelled
+
+        def progress(done: int, total: int) -> None:
+            app.call_from_thread(
+                self.query_one("#c-progress", ProgressBar).update, total=total, progress=done
+            )
+
+        try:
+            result = app.explainer().compose(*self.key, breadth, progress, lambda: worker.is_cancelled)
+        except Cancelled:
+            return
+        except UserError as exc:
+            app.call_from_thread(self._failed, str(exc))
+            return
+        if worker.is_cancelled:
+            return
+        if app.sidecar is not None:
+            app.sidecar.save_composition(*self.key, result[0], result[1], result[2])
+        app.call_from_thread(self._show, result, f"computed from the top {result[0]} concepts; saved")
+
+    def _failed(self, message: str) -> None:
+        self.query_one("#c-status", Static).update(Text(message, style="red"))
+        self._worker = None
+
+    def _show(self, result: tuple[int, list, list], status: str) -> None:
+        self.result = result
+        self._worker = None
+        _, pairs, singles = result
+        self.query_one("#c-status", Static).update(Text(status, style="dim"))
+        bar = self.query_one("#c-progress", ProgressBar)
+        bar.update(total=1, progress=1)
+        left = Text("Best pairs\n", style="bold")
+        left.append_text(bar_chart(pairs[:10], width=42))
+        right = Text("Best single concepts (same rescoring)\n", style="bold")
+        right.append_text(bar_chart(singles[:10], width=42, highlight=self.label))
+        self.query_one("#c-pairs", Static).update(left)
+        self.query_one("#c-singles", Static).update(right)

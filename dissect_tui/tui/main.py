@@ -1,0 +1,380 @@
+"""Main screen: layer list, neuron table, live filters, cutoff, concept queries."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Input, SelectionList, Static
+from textual.widgets.selection_list import Selection
+from textual.worker import get_current_worker
+
+from dissect_tui.errors import UserError
+from dissect_tui.store.browse import NeuronTable as NeuronColumns
+from dissect_tui.store.browse import load_neuron_table
+from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
+from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
+
+CUTOFF_STEP = 0.01
+
+
+class MainScreen(Screen):
+    BINDINGS = [
+        Binding("slash", "filter_text", "Filter", key_display="/"),
+        Binding("c", "concept_query", "Concept query"),
+        Binding("2", "two_concepts", "Two concepts"),
+        Binding("plus,equals_sign", "cutoff(1)", "τ+", key_display="+"),
+        Binding("minus", "cutoff(-1)", "τ-", key_display="-"),
+        Binding("t", "type_cutoff", "Set τ"),
+        Binding("i", "toggle_interpretable", "Interpretable"),
+        Binding("s", "cycle_sort", "Sort"),
+        Binding("r", "reverse_sort", "Reverse", show=False),
+        Binding("l", "focus_layers", "Layers", show=False),
+        Binding("a", "all_layers", "All layers", show=False),
+        Binding("m", "pin", "Pin", show=False),
+        Binding("M", "pinned_only", "Pinned only", show=False),
+        Binding("e", "export(False)", "Export"),
+        Binding("E", "export(True)", "Export pinned", show=False),
+        Binding("x", "clear", "Clear filters", show=False),
+        Binding("escape", "back", "Back", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: NeuronModel | None = None
+        self.filters = Filters()
+        self.sort = "layer"
+        self.reverse = False
+        self.mode = "text"  # what the filter box does: 'text' filters, 'concept' ranks with CLIP
+        self.view_rows = np.zeros(0, dtype=np.int64)
+        self.last_update_ms = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="title")
+        with Horizontal(id="body"):
+            with Vertical(id="side"):
+                yield Static("layer          n  ✓%", id="layers-title")
+                yield SelectionList[int](id="layers")
+            with Vertical(id="center"):
+                yield Static("", id="status")
+                yield NeuronTable(id="table")
+                yield Static("", id="preview")
+                yield Input(placeholder="/ filter labels and top concepts", id="filter")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#table", NeuronTable).focus()
+        self.load()
+
+    # -- loading (worker) --------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="load")
+    def load(self) -> None:
+        app = self.app
+        cur = app.cursor()
+        try:
+            run = cur.run(app.requested_run)
+            table = load_neuron_table(cur, run["run_id"])
+        except UserError as exc:
+            app.call_from_thread(app.exit, return_code=2, message=f"error: {exc}")
+            return
+        finally:
+            cur.close()
+        sidecar = app.open_sidecar(run)
+        pins = sidecar.pins() if sidecar else []
+        app.call_from_thread(self._loaded, run, table, pins)
+
+    def _loaded(self, run: dict, table: NeuronColumns, pins: list[tuple[str, int]]) -> None:
+        self.app.run_info = run
+        self.model = NeuronModel(table)
+        for key in pins:
+            row = self.model.row_of(*key)
+            if row is not None:
+                self.model.pinned[row] = True
+        cutoff = run.get("cutoff")
+        self.filters.cutoff = float(cutoff) if cutoff is not None else 0.16
+        target = run.get("target") or "?"
+        self.query_one("#title", Static).update(
+            f"[b]{target}[/b] · run {run['run_id']} ({run.get('kind')}) · {run.get('similarity')} · "
+            f"{run.get('concept_set')} · {len(table):,} neurons"
+        )
+        self._fill_layers()
+        self.refresh_view()
+
+    # -- view --------------------------------------------------------------------------
+    def _fill_layers(self) -> None:
+        assert self.model is not None
+        sel = self.query_one("#layers", SelectionList)
+        chosen = set(self.filters.layers)
+        highlighted = sel.highlighted
+        sel.clear_options()
+        options = []
+        for i, (name, n, good) in enumerate(self.model.layer_counts(self.filters.cutoff)):
+            pct = 100.0 * good / n if n else 0.0
+            options.append(Selection(f"{name[:9]:<9} {n:>5} {pct:>3.0f}%", i, i in chosen))
+        sel.add_options(options)
+        if highlighted is not None and highlighted < len(options):
+            sel.highlighted = highlighted
+
+    def refresh_view(self) -> None:
+        if self.model is None:
+            return
+        t0 = time.perf_counter()
+        self.view_rows = self.model.view(self.filters, self.sort, self.reverse)
+        table = self.query_one("#table", NeuronTable)
+        table.set_view(self.model, self.view_rows, self.filters.cutoff, self.sort, self.reverse)
+        self.last_update_ms = (time.perf_counter() - t0) * 1000
+        self._update_status()
+
+    def _update_status(self) -> None:
+        assert self.model is not None
+        f = self.filters
+        good = int(self.model.interpretable(f.cutoff).sum())
+        parts = [
+            f"τ={f.cutoff:.3f} ({good:,}/{self.model.n:,} {INTERPRETABLE})",
+            f"sort {self.sort}{'▲' if self.reverse else '▼'}",
+            f"{len(self.view_rows):,} shown",
+        ]
+        if f.layers:
+            parts.append("layers " + ",".join(self.model.table.layers[i] for i in sorted(f.layers)))
+        if f.interpretable_only:
+            parts.append(f"{INTERPRETABLE} only")
+        if f.pinned_only:
+            parts.append("pinned only")
+        if self.model.query is not None:
+            parts.append(f"ranked by “{self.model.query.title}”")
+        if self.mode == "concept":
+            parts.append("[b]concept query[/b]: type, Enter")
+        self.query_one("#status", Static).update(" · ".join(parts))
+
+    @on(NeuronTable.Highlighted)
+    def _preview(self, event: NeuronTable.Highlighted) -> None:
+        text = ""
+        if self.model is not None and event.row is not None:
+            tops = self.model.table.top_concepts[event.row]
+            text = f"top concepts: {tops}" if tops else ""
+        self.query_one("#preview", Static).update(text)
+
+    # -- filter box --------------------------------------------------------------------
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        if self.mode == "text":
+            self.filters.text = event.value
+            self.refresh_view()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        if self.mode == "concept":
+            text = event.value.strip()
+            if text:
+                self.start_query([text], text, [])
+        self.query_one("#table", NeuronTable).focus()
+
+    def action_filter_text(self) -> None:
+        self._set_mode("text")
+        self.query_one("#filter", Input).focus()
+
+    def action_concept_query(self) -> None:
+        self._set_mode("concept")
+        self.query_one("#filter", Input).focus()
+
+    def _set_mode(self, mode: str) -> None:
+        box = self.query_one("#filter", Input)
+        if mode == self.mode:
+            return
+        self.mode = mode
+        box.placeholder = (
+            "concept query: any text, ranked with CLIP (Enter)"
+            if mode == "concept"
+            else "/ filter labels and top concepts"
+        )
+        box.value = "" if mode == "concept" else self.filters.text
+        if mode == "concept" and self.filters.text:
+            self.filters.text = ""
+            self.refresh_view()
+        self._update_status()
+
+    def on_key(self, event) -> None:
+        if event.key == "escape" and isinstance(self.focused, Input):
+            self.query_one("#table", NeuronTable).focus()
+            event.stop()
+
+    # -- actions -------------------------------------------------------------------------
+    @on(NeuronTable.Selected)
+    def _open(self, event: NeuronTable.Selected) -> None:
+        from dissect_tui.tui.detail import DetailScreen
+
+        index = int(np.flatnonzero(self.view_rows == event.row)[0])
+        self.app.push_screen(DetailScreen(self, index))
+
+    def action_cutoff(self, steps: int) -> None:
+        self.set_cutoff(round(self.filters.cutoff + steps * CUTOFF_STEP, 6))
+
+    def set_cutoff(self, value: float) -> None:
+        self.filters.cutoff = value
+        if self.model is not None:
+            self._fill_layers()
+        self.refresh_view()
+
+    def action_type_cutoff(self) -> None:
+        from dissect_tui.tui.dialogs import CutoffDialog
+
+        def done(value: float | None) -> None:
+            if value is not None:
+                self.set_cutoff(value)
+
+        self.app.push_screen(CutoffDialog(self.filters.cutoff, self._percentiles()), done)
+
+    def _percentiles(self) -> str:
+        if self.model is None or not self.model.n:
+            return ""
+        q = np.quantile(self.model.table.similarity, [0.5, 0.9, 0.99])
+        return f"median {q[0]:.3f} · p90 {q[1]:.3f} · p99 {q[2]:.3f}"
+
+    def action_toggle_interpretable(self) -> None:
+        self.filters.interpretable_only = not self.filters.interpretable_only
+        self.refresh_view()
+
+    def action_cycle_sort(self) -> None:
+        keys = [k for k in SORT_KEYS if k != "query" or (self.model and self.model.query)]
+        self.sort = keys[(keys.index(self.sort) + 1) % len(keys)] if self.sort in keys else keys[0]
+        self.reverse = False
+        self.refresh_view()
+
+    def action_reverse_sort(self) -> None:
+        self.reverse = not self.reverse
+        self.refresh_view()
+
+    def action_focus_layers(self) -> None:
+        sel = self.query_one("#layers", SelectionList)
+        if sel.highlighted is None and sel.option_count:
+            sel.highlighted = 0
+        sel.focus()
+
+    def action_all_layers(self) -> None:
+        self.query_one("#layers", SelectionList).deselect_all()
+
+    @on(SelectionList.SelectedChanged, "#layers")
+    def _layers_changed(self, event: SelectionList.SelectedChanged) -> None:
+        self.filters.layers = frozenset(event.selection_list.selected)
+        self.refresh_view()
+
+    def action_pin(self) -> None:
+        row = self.query_one("#table", NeuronTable).current_row()
+        if row is not None:
+            self.toggle_pin(row)
+
+    def toggle_pin(self, row: int) -> None:
+        if self.model is None:
+            return
+        self.model.pinned[row] = not self.model.pinned[row]
+        self.save_pin(*self.model.key(row), bool(self.model.pinned[row]))
+        self.query_one("#table", NeuronTable).refresh()
+
+    @work(thread=True, group="pins")
+    def save_pin(self, layer: str, unit: int, pinned: bool) -> None:
+        if self.app.sidecar is not None:
+            self.app.sidecar.set_pin(layer, unit, pinned)
+
+    def action_pinned_only(self) -> None:
+        self.filters.pinned_only = not self.filters.pinned_only
+        self.refresh_view()
+
+    def action_clear(self) -> None:
+        self.filters = Filters(cutoff=self.filters.cutoff)
+        self.query_one("#filter", Input).value = ""
+        self.query_one("#layers", SelectionList).deselect_all()
+        if self.model is not None:
+            self.model.set_query(None)
+        self.sort, self.reverse = "layer", False
+        self.refresh_view()
+
+    def action_back(self) -> None:
+        if self.model is not None and self.model.query is not None:
+            self.model.set_query(None)
+            if self.sort == "query":
+                self.sort = "layer"
+            self.refresh_view()
+
+    # -- export --------------------------------------------------------------------------
+    def action_export(self, pinned: bool) -> None:
+        from dissect_tui.tui.dialogs import ExportDialog
+
+        if self.model is None:
+            return
+        rows = np.flatnonzero(self.model.pinned) if pinned else self.view_rows
+        if not len(rows):
+            self.notify("nothing to export" + (" (no pinned neurons: press m)" if pinned else ""))
+            return
+        keys = [self.model.key(int(r)) for r in rows]
+        stem = self.app.reader.path.stem if self.app.reader.path else "neurons"
+        default = f"{stem}-{'pinned' if pinned else 'view'}.csv"
+
+        def done(path: str | None) -> None:
+            if path:
+                self.export(path, keys)
+
+        self.app.push_screen(ExportDialog(default, len(keys)), done)
+
+    @work(thread=True, group="export")
+    def export(self, path: str, keys: list[tuple[str, int]]) -> None:
+        from dissect_tui.store.export import export_neurons
+
+        cur = self.app.cursor()
+        try:
+            n = export_neurons(cur, self.app.run_info["run_id"], path, keys=keys)
+        except (UserError, OSError) as exc:
+            self.app.call_from_thread(self.notify, f"export failed: {exc}", severity="error")
+            return
+        finally:
+            cur.close()
+        self.app.call_from_thread(self.notify, f"wrote {n:,} neurons to {path}")
+
+    # -- concept queries (CLIP, in a worker) -------------------------------------------
+    def action_two_concepts(self) -> None:
+        from dissect_tui.tui.dialogs import TwoConceptDialog
+
+        def done(pair: tuple[str, str] | None) -> None:
+            if pair:
+                a, b = pair
+                self.start_query([f"{a} {b}", a, b], f"{a} {b}", [a, b])
+
+        self.app.push_screen(TwoConceptDialog(), done)
+
+    def start_query(self, texts: list[str], title: str, extra: list[str]) -> None:
+        self.notify(f"ranking neurons by “{title}” (loading CLIP the first time)…", timeout=3)
+        self.run_query(texts, title, extra)
+
+    @work(thread=True, exclusive=True, group="query")
+    def run_query(self, texts: list[str], title: str, extra: list[str]) -> None:
+        worker = get_current_worker()
+        assert self.model is not None
+        try:
+            scores = self.app.explainer().query_scores(texts, self.model.table)
+        except UserError as exc:
+            self.app.call_from_thread(self._query_failed, str(exc), title)
+            return
+        if worker.is_cancelled:
+            return
+        q = QueryScores(
+            title=title, scores=scores[:, 0], extra={n: scores[:, i + 1] for i, n in enumerate(extra)}
+        )
+        if self.app.sidecar is not None:
+            self.app.sidecar.remember_query(title)
+        self.app.call_from_thread(self._query_done, q)
+
+    def _query_done(self, q: QueryScores) -> None:
+        assert self.model is not None
+        self.model.set_query(q)
+        self.sort, self.reverse = "query", False
+        self.refresh_view()
+
+    def _query_failed(self, message: str, text: str) -> None:
+        # Without CLIP weights, fall back to substring search over labels and top concepts.
+        self.notify(f"{message} — showing a substring search instead", severity="warning", timeout=8)
+        self._set_mode("text")
+        self.query_one("#filter", Input).value = text

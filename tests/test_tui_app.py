@@ -1,0 +1,522 @@
+"""Pilot-driven tests of `dissect-tui browse` on a small generated cache."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from cache_factory import make_cache
+
+from dissect_tui.cli import main as cli_main
+from dissect_tui.store.reader import open_cache
+from dissect_tui.tui.app import BrowserApp
+from dissect_tui.tui.detail import DetailScreen
+from dissect_tui.tui.help import HelpScreen
+from dissect_tui.tui.main import MainScreen
+from dissect_tui.tui.neuron_table import NeuronTable
+from dissect_tui.tui.sql import SqlScreen
+
+SIZE = (80, 24)
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin, asyncio backend
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("cache") / "tiny.duckdb")
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path) -> Path:
+    """A private copy, so each test's sidecar (pins, compositions) starts empty."""
+    return Path(shutil.copy(built_cache, tmp_path / "tiny.duckdb"))
+
+
+def make_app(path: Path, graphics: str = "none") -> BrowserApp:
+    return BrowserApp(open_cache(path), graphics=graphics, image_cls=None)
+
+
+async def settle(app: BrowserApp, pilot) -> None:
+    """Let workers finish and their results reach the screen."""
+    for _ in range(3):
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+
+def main_screen(app: BrowserApp) -> MainScreen:
+    screen = app.screen
+    assert isinstance(screen, MainScreen), type(screen)
+    return screen
+
+
+def shown(app: BrowserApp) -> list[tuple[str, int]]:
+    scr = main_screen(app)
+    return [scr.model.key(int(r)) for r in scr.query_one(NeuronTable).rows]
+
+
+def expected_neurons(
+    path: Path, sql_where: str = "TRUE", params: list | None = None
+) -> list[tuple[str, int]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return [
+            (r[0], int(r[1]))
+            for r in con.execute(
+                "SELECT n.layer, n.unit FROM neurons n JOIN layers l USING (layer) "
+                f"WHERE {sql_where} ORDER BY l.position, n.unit",
+                params or [],
+            ).fetchall()
+        ]
+    finally:
+        con.close()
+
+
+async def test_main_screen_lists_every_neuron(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert shown(app) == expected_neurons(cache)
+        title = str(app.screen.query_one("#title").render())
+        assert "46 neurons" in title
+
+
+async def test_text_filter_matches_labels_and_top_concepts(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"cat")
+        rows = shown(app)
+        want = expected_neurons(
+            cache,
+            "lower(n.label) LIKE '%cat%' OR EXISTS (SELECT 1 FROM neuron_concepts nc JOIN concepts c "
+            "USING (concept_id) WHERE nc.layer = n.layer AND nc.unit = n.unit AND nc.rank <= 5 "
+            "AND lower(c.text) LIKE '%cat%')",
+        )
+        assert rows == want and 0 < len(rows) < 46
+        # Escape leaves the box; the filter stays.
+        await pilot.press("escape")
+        assert isinstance(app.focused, NeuronTable)
+        assert shown(app) == want
+
+
+ODD_TEXTS = ["50%", "it's", "ÜNÏCODE", "'; DROP TABLE neurons; --", "x" * 5000, '"%_\\', "   "]
+
+
+async def test_odd_filter_text_is_harmless(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash")
+        scr = main_screen(app)
+        hay = [
+            f"{a}\t{b}".casefold()
+            for a, b in zip(scr.model.table.label, scr.model.table.top_concepts, strict=True)
+        ]
+        for text in ODD_TEXTS:
+            app.screen.query_one("#filter").value = text
+            await pilot.pause()
+            needle = text.strip().casefold()
+            want = [scr.model.key(i) for i, h in enumerate(hay) if needle in h]
+            assert shown(app) == want, text
+        assert len(shown(app)) == 46  # blank text: no filter
+    assert len(expected_neurons(cache)) == 46  # the cache is untouched
+
+
+async def test_layer_filter_one_and_several(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("l", "space")  # first layer: conv1
+        await pilot.pause()
+        assert {k[0] for k in shown(app)} == {"conv1"}
+        await pilot.press("down", "down", "space")  # and layer4
+        await pilot.pause()
+        assert shown(app) == expected_neurons(cache, "n.layer IN ('conv1', 'layer4')")
+        assert "layers conv1,layer4" in str(app.screen.query_one("#status").render())
+        await pilot.press("tab", "a")
+        await pilot.pause()
+        assert len(shown(app)) == 46
+
+
+async def test_cutoff_steps_and_interpretable_only(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        scr = main_screen(app)
+        assert scr.filters.cutoff == pytest.approx(0.16)  # the run's cutoff
+        await pilot.press("i")
+        assert shown(app) == expected_neurons(cache, "n.similarity > 0.16")
+        for _ in range(15):
+            await pilot.press("plus")
+        assert scr.filters.cutoff == pytest.approx(0.31)
+        assert shown(app) == expected_neurons(cache, "n.similarity > 0.31")
+        status = str(app.screen.query_one("#status").render())
+        assert "τ=0.310" in status and f"({len(shown(app))}/46" in status
+        await pilot.press("minus")
+        assert scr.filters.cutoff == pytest.approx(0.30)
+        # Exact value through the dialog; a bad value is refused without closing it.
+        await pilot.press("t")
+        box = app.screen.query_one("#value")
+        box.value = "abc"
+        await pilot.press("enter")
+        assert "enter a number" in str(app.screen.query_one("#error").render())
+        box.value = "0.4"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert scr.filters.cutoff == pytest.approx(0.4)
+        assert shown(app) == expected_neurons(cache, "n.similarity > 0.4")
+        # Layer counts follow the cutoff.
+        layers = [str(o.prompt) for o in app.screen.query_one("#layers")._options]
+        n_conv1 = len(expected_neurons(cache, "n.layer = 'conv1' AND n.similarity > 0.4"))
+        assert layers[0].split()[-1] == f"{100 * n_conv1 / 8:.0f}%"
+        await pilot.press("i")
+        assert len(shown(app)) == 46
+
+
+async def test_sorting_by_score_and_reverse(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        scr = main_screen(app)
+        while scr.sort != "score":
+            await pilot.press("s")
+        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        assert sims == sorted(sims, reverse=True)
+        await pilot.press("r")
+        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        assert sims == sorted(sims)
+        while scr.sort != "label":
+            await pilot.press("s")
+        labels = [scr.model.table.label[int(r)] for r in scr.query_one(NeuronTable).rows]
+        assert labels == sorted(labels)
+
+
+async def test_open_neuron_next_previous_back_related(cache):
+    app = make_app(cache)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("down", "down", "enter")
+        await settle(app, pilot)
+        det = app.screen
+        assert isinstance(det, DetailScreen)
+        assert det.key == ("conv1", 2)
+        rdr = open_cache(cache)
+        try:
+            tops = rdr.top_images("conv1", 2, limit=10)
+        finally:
+            rdr.close()
+        captions = [str(s.render()) for s in det.query("#top-images .thumb-caption")]
+        assert len(captions) == 10
+        assert all(
+            c.startswith(f"#{rank} {act:.3f}") for c, (rank, _, act, _) in zip(captions, tops, strict=True)
+        )
+        assert "conv1:2" in str(det.query_one("#d-title").render())
+        concepts = str(det.query_one("#concepts").render())
+        assert det.detail is not None and det.detail.concepts[0][0] in concepts
+        assert len(det.detail.activations) == 80
+        assert [b for b, _ in det.detail.samples] == ["top 0.1%", "top 1%", "top 5%"]
+        await pilot.press("n")
+        await settle(app, pilot)
+        assert det.key == ("conv1", 3)
+        await pilot.press("p", "p")
+        await settle(app, pilot)
+        assert det.key == ("conv1", 1)
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+        await pilot.press("home", "enter")
+        await settle(app, pilot)
+        det = app.screen
+        sim = det.query_one("#similar")
+        corr = det.query_one("#correlated")
+        assert sim.option_count > 0 and corr.option_count > 0
+        # conv1:0 is labelled "dog": the nearest label is another "dog" neuron (cosine 1).
+        first = sim.get_option_at_index(0)
+        assert "dog" in str(first.prompt) and "(1.00)" in str(first.prompt)
+        # The most correlated unit agrees with numpy over all 80 images (fewer than the sample cap).
+        rdr = open_cache(cache)
+        try:
+            _, acts = rdr.layer_activations("conv1")
+        finally:
+            rdr.close()
+        r = np.corrcoef(acts.T)[0]
+        r[0] = -np.inf
+        assert str(corr.get_option_at_index(0).prompt).startswith(f"conv1:{int(np.argmax(r))} ")
+        assert f"r={r.max():.2f}" in str(corr.get_option_at_index(0).prompt)
+        rs = [float(str(corr.get_option_at_index(i).prompt).rsplit("r=", 1)[1].rstrip(")"))
+              for i in range(corr.option_count)]  # fmt: skip
+        assert rs == sorted(rs, reverse=True) and all(-1 <= r <= 1 for r in rs)
+        # Selecting one opens it; Esc comes back.
+        sim.focus()
+        sim.highlighted = 0
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, DetailScreen) and app.screen is not det
+        await pilot.press("escape")
+        assert app.screen is det
+
+
+async def test_next_follows_the_filtered_view(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"dog", "enter")
+        view = shown(app)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.screen.key == view[0]
+        await pilot.press("right")
+        await settle(app, pilot)
+        assert app.screen.key == view[1]
+
+
+async def test_missing_thumbnail_shows_placeholder(tmp_path):
+    from dissect_tui.store.writer import CacheWriter
+
+    src = make_cache(tmp_path / "a.duckdb")
+    with CacheWriter(tmp_path / "b.duckdb", base=src) as w:
+        w.con.execute("DELETE FROM thumbnails WHERE image_id IN (SELECT image_id FROM top_images "
+                      "WHERE layer = 'conv1' AND unit = 0 AND rank = 1)")  # fmt: skip
+        w.commit()
+    app = make_app(tmp_path / "b.duckdb", graphics="none")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        first = app.screen.query("#top-images Thumb").first()
+        assert "no thumbnail" in str(first.query_one(".thumb-missing").render())
+
+
+async def test_help_screen_lists_keys(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        from dissect_tui.tui.help import help_table
+
+        rendered = "".join(seg.text for seg in app.console.render(help_table()))
+        for needle in ("Two concepts", "Concept query", "Set τ", "Export", "Next", "Previous", "SQL", "Quit"):
+            assert needle in rendered
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_sql_screen_runs_queries_read_only(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("colon")
+        assert isinstance(app.screen, SqlScreen)
+        box = app.screen.query_one("#sql-input")
+        box.value = "SELECT layer, count(*) AS n FROM neurons WHERE layer = 'layer1' GROUP BY layer"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        table = app.screen.query_one("#sql-result")
+        assert table.row_count == 1
+        assert [str(c) for c in table.get_row_at(0)] == ["layer1", "16"]
+        app.screen.query_one("#sql-input").focus()
+        box.value = "DELETE FROM neurons"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        status = str(app.screen.query_one("#sql-status").render())
+        assert "SQL error" in status and "read-only" in status.lower()
+        box.value = "SELEC nonsense"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert "SQL error" in str(app.screen.query_one("#sql-status").render())
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+    assert len(expected_neurons(cache)) == 46
+
+
+async def test_export_view_and_pinned(cache, tmp_path):
+    pytest.importorskip("dissect_tui.store.export")
+    app = make_app(cache)
+    out = tmp_path / "view.csv"
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"sky", "escape")
+        view = shown(app)
+        await pilot.press("e")
+        app.screen.query_one("#path").value = str(out)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        # Pin two neurons and export only those, as Parquet.
+        await pilot.press("x", "home", "m", "down", "m")
+        await pilot.press("E")
+        app.screen.query_one("#path").value = str(tmp_path / "pinned.parquet")
+        await pilot.press("enter")
+        await settle(app, pilot)
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:4] == ["layer", "unit", "description", "similarity"]
+    assert [(r[0], int(r[1])) for r in rows[1:]] == view
+    import pyarrow.parquet as pq
+
+    pinned = pq.read_table(tmp_path / "pinned.parquet").to_pylist()
+    assert sorted((r["layer"], r["unit"]) for r in pinned) == [("conv1", 0), ("conv1", 1)]
+
+
+async def test_pins_persist_in_sidecar(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("down", "m")
+        await settle(app, pilot)
+    assert (cache.parent / "tiny.duckdb.browse.sqlite").exists()
+    app = make_app(cache)  # a new session
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("M")
+        assert shown(app) == [("conv1", 1)]
+
+
+async def test_concept_query_without_clip_falls_back_to_substring(cache, monkeypatch):
+    """When the run's CLIP cannot be loaded (Explainer raises UserError, see test_explain.py),
+    the query turns into a substring search. Stubbed here so this test needs no torch."""
+    from dissect_tui.errors import UserError
+
+    class NoClip:
+        def query_scores(self, texts, table):
+            raise UserError("concept queries need this run's CLIP (tiny:none): not on this machine")
+
+    app = make_app(cache)
+    monkeypatch.setattr(app, "explainer", lambda: NoClip())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c", *"dog", "enter")
+        await settle(app, pilot)
+        scr = main_screen(app)
+        assert scr.mode == "text" and scr.filters.text == "dog"
+        assert scr.model.query is None
+        assert shown(app) and all("dog" in scr.model.table.label[scr.model.row_of(*k)]
+                                  + scr.model.table.top_concepts[scr.model.row_of(*k)] for k in shown(app))  # fmt: skip
+
+
+# -- the command line: bad caches give one clear line, no traceback -------------------------
+def _run_cli(args, capsys) -> tuple[int, str]:
+    code = cli_main(["browse", *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_bad_caches(tmp_path, capsys):
+    code, err = _run_cli([str(tmp_path / "missing.duckdb")], capsys)
+    assert code == 2 and "no cache at" in err and "Traceback" not in err
+
+    junk = tmp_path / "junk.duckdb"
+    junk.write_bytes(b"this is not a database" * 100)
+    code, err = _run_cli([str(junk)], capsys)
+    assert code == 2 and "not a DuckDB file" in err
+
+    empty = tmp_path / "empty.duckdb"
+    empty.touch()
+    code, err = _run_cli([str(empty)], capsys)
+    assert code == 2 and "empty" in err
+
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE t (x INTEGER)")
+    con.close()
+    code, err = _run_cli([str(other)], capsys)
+    assert code == 2 and "not a dissect-tui cache" in err
+
+    newer = tmp_path / "newer.duckdb"
+    con = duckdb.connect(str(newer))
+    con.execute(
+        "CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '99')"
+    )
+    con.close()
+    code, err = _run_cli([str(newer)], capsys)
+    assert code == 2 and "schema version 99" in err and "upgrade" in err
+
+    norun = tmp_path / "norun.duckdb"
+    con = duckdb.connect(str(norun))
+    con.execute(
+        "CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE runs (run_id INTEGER)"
+    )
+    con.close()
+    code, err = _run_cli([str(norun)], capsys)
+    assert code == 2 and "no finished run" in err
+
+    code, err = _run_cli(["--cache-dir", str(tmp_path / "nowhere"), "resnet50"], capsys)
+    assert code == 2 and "no cache for 'resnet50'" in err
+
+
+def test_unknown_run_is_a_clear_error(cache, capsys):
+    code, err = _run_cli([str(cache), "--run", "7"], capsys)
+    assert code == 2 and "no run 7" in err
+
+
+def test_cache_locked_by_a_writer(cache, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(cache)!r}); print('ok', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        code, err = _run_cli([str(cache)], capsys)
+        assert code == 2 and "open for writing by another process" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_two_browsers_share_a_cache(cache):
+    first = make_app(cache)
+    async with first.run_test(size=SIZE) as pilot:
+        await settle(first, pilot)
+        second = make_app(cache)  # opens read-only while the first holds it
+        async with second.run_test(size=SIZE) as pilot2:
+            await settle(second, pilot2)
+            assert len(shown(second)) == 46
+
+
+def test_ui_modules_do_not_import_torch():
+    code = (
+        "import sys, dissect_tui.tui.app, dissect_tui.tui.main, dissect_tui.tui.detail, dissect_tui.tui.sql, "
+        "dissect_tui.tui.help, dissect_tui.tui.compose, dissect_tui.commands.browse, dissect_tui.store.browse, "
+        "dissect_tui.store.sidecar; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_filter_model_matches_brute_force(built_cache):
+    """The in-memory filter agrees with a direct computation on random filter combinations."""
+    from dissect_tui.store.browse import load_neuron_table
+    from dissect_tui.tui.model import Filters, NeuronModel
+
+    rdr = open_cache(built_cache)
+    try:
+        table = load_neuron_table(rdr, rdr.latest_run_id())
+    finally:
+        rdr.close()
+    model = NeuronModel(table)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        layers = frozenset(int(i) for i in rng.choice(4, size=rng.integers(0, 3), replace=False))
+        f = Filters(layers=layers, cutoff=float(rng.uniform(0, 0.5)), interpretable_only=bool(rng.integers(2)),
+                    text=str(rng.choice(["", "a", "DOG", "ét", "50%"])))  # fmt: skip
+        got = model.view(f, "score")
+        want = [
+            i for i in range(len(table))
+            if (not layers or table.layer_idx[i] in layers)
+            and (not f.interpretable_only or table.similarity[i] > f.cutoff)
+            and f.text.casefold() in (table.label[i] + "\t" + table.top_concepts[i]).casefold()
+        ]  # fmt: skip
+        want.sort(key=lambda i: -table.similarity[i])
+        assert list(got) == want
