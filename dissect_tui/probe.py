@@ -585,4 +585,19 @@ def iter_batches(
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
     )
-    yield from loader
+    if workers > 0:
+        yield from loader
+        return
+    # In-process: per-image tensor ops are too small for intra-op threads, which only contend
+    # (several times slower on a busy machine); the caller's forward gets its threads back.
+    batches = iter(loader)
+    while True:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch

@@ -190,9 +190,9 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
         reason = getattr(exc, "reason", None) or exc
         raise OfflineError(
             f"could not download {enum_member} ({file_name} from {url}): {reason}. Put {file_name} "
-            f"in {checkpoints} or pass --weights path/to/{file_name}"
+            f"in {checkpoints}, pass --weights path/to/{file_name}, or try --weights none (random init)"
         ) from exc
-    except RuntimeError as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
         cached = checkpoints / file_name
         if cached.exists():
             raise UserError(

@@ -218,10 +218,10 @@ def test_mode_conversions_give_rgb_with_sane_values(tmp_path):
     cases["CMYK"] = (save(cmyk, tmp_path / "cmyk.tif"), (255, 0, 0))
     cases["CMYK-jpeg"] = (save(cmyk, tmp_path / "cmyk.jpg", quality=100), (255, 0, 0))
     i16 = Image.fromarray(np.full((4, 6), 257 * 200, dtype=np.uint16))
-    assert i16.mode == "I;16"
-    cases["I;16"] = (save(i16, tmp_path / "i16.png"), (200, 200, 200))
-    i32 = Image.fromarray(np.full((4, 6), 257 * 50, dtype=np.int32), "I")
-    cases["I"] = (save(i32, tmp_path / "i32.tif"), (50, 50, 50))
+    assert i16.mode == "img;16"
+    cases["img;16"] = (save(i16, tmp_path / "i16.png"), (200, 200, 200))
+    i32 = Image.fromarray(np.full((4, 6), 257 * 50, dtype=np.int32), "img")
+    cases["img"] = (save(i32, tmp_path / "i32.tif"), (50, 50, 50))
     bw = Image.new("1", (6, 4), 1)
     cases["1"] = (save(bw, tmp_path / "bw.png"), (255, 255, 255))
     flt = Image.fromarray(np.full((4, 6), 0.5, dtype=np.float32), "F")
@@ -256,7 +256,7 @@ def png_header_bomb(path: Path, side: int) -> None:
     """A valid 1-bit PNG of side x side pixels; tiny on disk, 1.2 GB if decoded to RGB."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">img", len(data)) + kind + data + struct.pack(">img", zlib.crc32(kind + data))
 
     row = b"\x00" + b"\x00" * ((side + 7) // 8)
     comp = zlib.compressobj(9)
@@ -304,7 +304,9 @@ def test_iter_batches_counts_broken_and_keeps_going(tmp_path):
     ok = torch.cat([b.ok for b in batches])
     assert indices.tolist() == list(range(len(probe)))
     assert batches[0].inputs[0].shape == (4, 3, 32, 32) and batches[0].inputs[1].shape == (4, 3, 16, 16)
-    broken = {i for i, item in enumerate(probe) if Path(item.path).relative_to(root).as_posix() in BROKEN_FILES}
+    broken = {
+        i for i, item in enumerate(probe) if Path(item.path).relative_to(root).as_posix() in BROKEN_FILES
+    }
     assert {i for i, good in enumerate(ok.tolist()) if not good} == broken
     for batch in batches:
         for row, good in enumerate(batch.ok.tolist()):
@@ -370,3 +372,39 @@ def test_failed_transform_counts_as_failed_image(tmp_path):
     assert batch.ok.tolist() == [False, True]
     assert "30x30" in batch.errors[0]
     assert batch.inputs[0][0].abs().sum() == 0 and batch.inputs[0][1].sum() == 3 * 64
+
+
+def test_batch_pin_memory_is_used_by_the_loader(monkeypatch):
+    """DataLoader(pin_memory=True) calls Batch.pin_memory; fake pinning so this runs without CUDA."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(
+        torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self.shape) or self.clone()
+    )
+    batch = probe_mod.Batch(
+        torch.arange(2),
+        torch.tensor([True, False]),
+        [torch.ones(2, 3, 4, 4)],
+        [b"x", None],
+        [(4, 4), None],
+        [None, "bad"],
+    )
+    out = pin_memory(batch)
+    assert isinstance(out, probe_mod.Batch) and len(pinned) == 3
+    assert torch.equal(out.inputs[0], batch.inputs[0]) and out.errors == batch.errors
+
+
+def test_in_process_decoding_uses_one_thread_and_restores(tmp_path, monkeypatch):
+    probe = resolve_probe(["synthetic:4"], tmp_path)
+    calls = []
+    original = probe.open_with_size
+    monkeypatch.setattr(probe, "open_with_size", lambda i: calls.append(("decode", i)) or original(i))
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # pretend the caller runs 3 threads
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real_set(min(n, before)))
+    for _batch in iter_batches(probe, [tiny_preprocess()], 2, 0):
+        assert calls[-1] == 3  # the consumer's forward gets its threads back
+    # every decode happens between a set(1) and the set(3) that restores
+    assert calls == [1, ("decode", 0), ("decode", 1), 3, 1, ("decode", 2), ("decode", 3), 3, 1, 3]

@@ -90,6 +90,7 @@ def test_weights_names_resolve_and_offline_error(offline_hub):
         message = str(info.value)
         assert "ResNet18_Weights.IMAGENET1K_V1" in message and url in message
         assert "--weights path/to/resnet18-f37072fd.pth" in message and str(checkpoints) in message
+        assert "--weights none" in message
         assert "\n" not in message
     assert calls == [url] * 5
 
@@ -106,6 +107,15 @@ def test_weights_in_hub_cache_are_used_without_download(offline_hub):
     assert same_params(target.model, state)
     # the weights' own preprocessing, not the generic one
     assert isinstance(target.preprocess, torchvision.transforms._presets.ImageClassification)
+
+
+def test_corrupt_file_in_hub_cache(offline_hub):
+    checkpoints, calls = offline_hub
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"half a download")
+    with pytest.raises(UserError, match="corrupt.*delete it") as info:
+        load_target("resnet18")
+    assert calls == [] and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
