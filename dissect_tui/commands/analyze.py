@@ -360,8 +360,8 @@ def run_interpretability(args: argparse.Namespace) -> int:
     )
     table.add_column("layer")
     table.add_column("neurons", justify="right")
-    table.add_column("interpretable", justify="right")
-    table.add_column("", justify="left", no_wrap=True, min_width=12)
+    table.add_column("score > τ", justify="right")
+    table.add_column("", justify="left", no_wrap=True, min_width=10)
     for level in levels:
         table.add_column(f"τ @ {100 * level:g}%", justify="right")
     rows: list[tuple[str, float | None, str | None]] = []
@@ -372,7 +372,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
             layer,
             f"{len(s):,}",
             f"{100 * frac:.1f}%",
-            hbar(frac, 0.0, 1.0, 12),
+            hbar(frac, 0.0, 1.0, 10),
             *(f"{t:.4f}" for t in crossings),
         )
         detail = json.dumps({"layer": layer, "tau": tau, "n_units": len(s)})

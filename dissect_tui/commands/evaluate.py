@@ -48,8 +48,8 @@ def add_common_options(p: argparse.ArgumentParser, mpnet: bool = True, classes: 
         p.add_argument(
             "--clip",
             metavar="SPEC",
-            help="CLIP for the text similarity instead of the run's own, e.g. ViT-B-16:/path/weights.pt "
-            "(needed only for texts whose embeddings the cache lacks)",
+            help="CLIP for the text similarity of every text, e.g. ViT-B-16:/path/weights.pt (default: the "
+            "run's stored text embeddings, loading the run's CLIP only for texts the cache lacks)",
         )
     if mpnet:
         p.add_argument(
