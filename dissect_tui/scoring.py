@@ -1,0 +1,499 @@
+"""The indexing pipeline's scorer: similarity.py's numbers without ever building N×M P or Q.
+
+P = img Tᵀ is never materialised. What each method needs instead:
+
+- cos: q·P[:, m] = (qᵀI)·T_m and |P[:, m]|² = T_m (IᵀI) T_mᵀ, so only [K, D] and [D, D]
+  products are formed and scores come one concept chunk at a time.
+- rank_reorder: P restricted to each neuron's top images, [neuron block, n, concept chunk].
+- wpmi / soft_wpmi: one pass over blocks of images. A block's rows of P are computed for all
+  concepts, which gives each image's softmax denominator (``image_lse``) and its Q row; the
+  Q rows are then consumed by every neuron slot (layer, neuron, rank) that points at an image
+  of the block, and the block is dropped. Per neuron we keep only log p(t|B_k) [K, M].
+  All layers are scored in the same pass (``score_layers``), so P costs one N×M×D product in
+  total rather than one per layer.
+
+The cost is K·top·M elementwise terms (7.8e9 for ResNet-50's 3,904 neurons × 20k concepts), and
+``log`` is by far the most expensive of them on a CPU. So terms are multiplied in groups and one
+log is taken per group: with Q = E/s (E = exp(a·P − rowmax), s = ΣE),
+
+    1 + p_r(Q − 1) + ε = (p_r / s) · (E + c_r·s),   c_r = (1 − p_r + ε) / p_r,
+
+so a group's product Π(E + c_r·s) stays inside float range for a group size chosen from the
+bounds of its factors, and the Σ log(p_r/s) part is a per-neuron constant. WPMI is the same with
+p_r = 1 and c_r = ε. When log p(t|B_k) for all neurons × all concepts does not fit the memory
+budget, a first pass computes ``image_lse`` and the rest runs in concept chunks over only the
+images that are in some neuron's top list (Q = exp(a·P − lse) is then exact per chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import similarity as sim
+from .errors import UserError
+from .similarity import top_images
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "LayerScores", "score_layer", "score_layers", "top_images"]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory beyond the inputs
+_NORM_EPS = 1e-12
+
+Progress = Callable[[int, int], None]
+# sink(layer_index, first_concept, scores [K_l, chunk]) receives final scores chunk by chunk.
+Sink = Callable[[int, int, Tensor], None]
+
+
+@dataclass
+class LayerScores:
+    """Best concepts of every neuron of one layer; the label of neuron k is ``top_concepts[k, 0]``."""
+
+    top_concepts: Tensor  # [K, T] long, concept indices, best first
+    top_scores: Tensor  # [K, T], sorted descending
+    image_lse: Tensor | None  # [N] logsumexp_m a·P[i, m] (wpmi/soft_wpmi), else None
+
+
+def _hparams(method: str, hp: Mapping[str, float | int]) -> dict[str, float | int]:
+    if method not in sim.DEFAULTS:
+        raise UserError(f"unknown similarity {method!r}; choose one of {', '.join(sim.DEFAULTS)}")
+    unknown = set(hp) - set(sim.DEFAULTS[method])
+    if unknown:
+        allowed = ", ".join(sim.DEFAULTS[method]) or "none"
+        raise UserError(f"{method} takes no hyperparameter {', '.join(sorted(unknown))} (allowed: {allowed})")
+    return {**sim.DEFAULTS[method], **hp}
+
+
+def _float_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+class _TopT:
+    """Running top-T over concept chunks for a set of neurons."""
+
+    def __init__(self, K: int, T: int, dtype: torch.dtype, device: torch.device):
+        self.T = T
+        self.vals = torch.full((K, 0), -math.inf, dtype=dtype, device=device)
+        self.idx = torch.zeros((K, 0), dtype=torch.long, device=device)
+        self.rows: list[tuple[Tensor, Tensor]] = []
+
+    def update(self, m0: int, scores: Tensor) -> None:
+        cols = torch.arange(m0, m0 + scores.shape[1], device=scores.device).expand_as(scores)
+        vals = torch.cat([self.vals, scores], dim=1)
+        idx = torch.cat([self.idx, cols], dim=1)
+        t = min(self.T, vals.shape[1])
+        self.vals, pos = torch.topk(vals, t, dim=1, sorted=True)
+        self.idx = torch.gather(idx, 1, pos)
+
+
+def score_layer(
+    acts: Tensor,
+    image_emb: Tensor,
+    concept_emb: Tensor,
+    method: str = "soft_wpmi",
+    top_concepts: int = 100,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: str | torch.device | None = None,
+    on_progress: Progress | None = None,
+    **hp: float | int,
+) -> LayerScores:
+    """Score one layer: ``acts`` [N, K], ``image_emb`` [N, D], ``concept_emb`` [M, D] (L2-normalised).
+
+    Same numbers as ``similarity.SIMILARITIES[method](acts, image_emb @ concept_emb.T, **hp)``,
+    reduced to each neuron's ``top_concepts`` best. To score several layers of one network use
+    ``score_layers``: wpmi/soft_wpmi then share one pass over the images.
+    """
+    out = score_layers(
+        {"layer": acts},
+        image_emb,
+        concept_emb,
+        method,
+        top_concepts,
+        memory_budget=memory_budget,
+        device=device,
+        on_progress=on_progress,
+        **hp,
+    )
+    return out["layer"]
+
+
+def score_layers(
+    layers: Mapping[str, Tensor],
+    image_emb: Tensor,
+    concept_emb: Tensor,
+    method: str = "soft_wpmi",
+    top_concepts: int = 100,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: str | torch.device | None = None,
+    on_progress: Progress | None = None,
+    **hp: float | int,
+) -> dict[str, LayerScores]:
+    """Score several layers ({name: acts [N, K_l]}) against the same images and concepts.
+
+    The prior of wpmi/soft_wpmi is per layer, exactly as if each layer were scored alone; the
+    ``image_lse`` tensor is shared by all layers.
+    """
+    params = _hparams(method, hp)
+    if image_emb.ndim != 2 or concept_emb.ndim != 2 or image_emb.shape[1] != concept_emb.shape[1]:
+        raise ValueError(
+            f"embeddings must be [N, D] and [M, D], got {tuple(image_emb.shape)} and {tuple(concept_emb.shape)}"
+        )
+    N, M = image_emb.shape[0], concept_emb.shape[0]
+    if N == 0 or M == 0:
+        raise UserError("cannot score neurons without probe images and concepts")
+    for name, a in layers.items():
+        if a.ndim != 2 or a.shape[0] != N:
+            raise ValueError(f"layer {name}: activations must be [{N}, K], got {tuple(a.shape)}")
+    dev = torch.device(device) if device is not None else image_emb.device
+    dt = _float_dtype(image_emb, concept_emb, *layers.values())
+    img = image_emb.to(dev, dt)
+    Tm = concept_emb.to(dev, dt)
+    T = max(1, min(int(top_concepts), M))
+    names = list(layers)
+    if method in ("wpmi", "soft_wpmi"):
+        n = min(int(params["top_k"]), N)
+        if method == "soft_wpmi":
+            w = sim.soft_weights(
+                n, int(params["top_k"]), params["p_start"], params["p_end"], dtype=dt, device=dev
+            )
+        else:
+            w = None
+        tops = [top_images(layers[k].to(dev, dt), n)[0] for k in names]
+        tracks = [_TopT(t.shape[0], T, dt, dev) for t in tops]
+
+        def sink(li: int, m0: int, scores: Tensor) -> None:
+            tracks[li].update(m0, scores)
+
+        lse = pmi_pass(
+            tops,
+            img,
+            Tm,
+            a=float(params["a"]),
+            lam=float(params["lam"]),
+            weights=w,
+            min_prob=float(params["min_prob"]),
+            sink=sink,
+            memory_budget=memory_budget,
+            on_progress=on_progress,
+        )
+        return {k: LayerScores(tr.idx, tr.vals, lse) for k, tr in zip(names, tracks, strict=True)}
+    fn = _cos_layer if method == "cos" else _rank_reorder_layer
+    done, total = 0, len(names)
+    out: dict[str, LayerScores] = {}
+    for k in names:
+        out[k] = fn(layers[k].to(dev, dt), img, Tm, T, memory_budget, params)
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+    return out
+
+
+def _cos_layer(A: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: Mapping) -> LayerScores:
+    K = A.shape[1]
+    M = Tm.shape[0]
+    qnorm = A.norm(dim=0).clamp_min(_NORM_EPS)
+    AI = (A.T @ img) / qnorm[:, None]  # [K, D]: q̂ᵀI
+    G = img.T @ img  # [D, D]
+    top = _TopT(K, T, A.dtype, A.device)
+    mc = max(1, min(M, budget // (3 * A.element_size() * max(K, Tm.shape[1]))))
+    for m0 in range(0, M, mc):
+        Tc = Tm[m0 : m0 + mc]
+        pnorm = ((Tc @ G) * Tc).sum(1).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+        top.update(m0, (AI @ Tc.T) / pnorm)
+    return LayerScores(top.idx, top.vals, None)
+
+
+def _rank_reorder_layer(
+    A: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: Mapping
+) -> LayerScores:
+    N = A.shape[0]
+    M = Tm.shape[0]
+    n = min(N, max(2, int(N * float(params["top_fraction"]))))
+    idx, vals = top_images(A, n)
+    p = float(params["p"])
+    base = sim.rank_baseline(vals, p, int(params["seed"]), int(params["n_perm"])).clamp_min(
+        torch.finfo(A.dtype).tiny
+    )
+    K = idx.shape[0]
+    top = _TopT(K, T, A.dtype, A.device)
+    # About six [kb, n, mc] temporaries live at once (P values, argsort, gathers).
+    elems = max(1, budget // (8 * A.element_size() * 6))
+    kb = max(1, min(K, elems // max(1, n * min(M, 256))))
+    mc = max(1, min(M, elems // max(1, kb * n)))
+    for k0 in range(0, K, kb):
+        k1 = min(K, k0 + kb)
+        emb = img[idx[k0:k1]]  # [kb, n, D]
+        track = _TopT(k1 - k0, T, A.dtype, A.device)
+        for m0 in range(0, M, mc):
+            sub = emb @ Tm[m0 : m0 + mc].T  # P on the top images: [kb, n, mc]
+            err = sim._reorder_error(vals[k0:k1], sub, p, float(params["scale_p"])) / base[k0:k1, None]
+            track.update(m0, -err)
+        top.vals = torch.cat([top.vals, track.vals]) if k0 else track.vals
+        top.idx = torch.cat([top.idx, track.idx]) if k0 else track.idx
+    return LayerScores(top.idx, top.vals, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The wpmi / soft_wpmi engine
+
+
+def _group_size(c_lo: float, c_hi: float, M: int, dtype: torch.dtype) -> int:
+    """Largest group whose product of factors in [c_lo, 1 + c_hi·M] stays well inside float range."""
+    lim = 69.0 if dtype == torch.float32 else 600.0  # ln(1e30) with margin below ln(max) = 88.7
+    lo = math.log(c_lo)
+    hi = math.log1p(c_hi * M)
+    g = lim / max(-lo, hi, 1e-9)
+    return int(max(1, min(32, math.floor(g))))
+
+
+@dataclass
+class _Plan:
+    """Slots of one row block arranged for grouped products (see pmi_pass)."""
+
+    group_neuron: Tensor  # [G] global neuron id of each group, groups sorted by size descending
+    member_rows: list[Tensor]  # member m: local row of the m-th factor of the first len(..) groups
+    member_slots: list[Tensor]  # member m: slot ids (for the per-slot constant c_r)
+
+
+def _plan_blocks(
+    slot_neuron: Tensor, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
+) -> list[_Plan]:
+    """Group each neuron's slots within each row block into groups of ≤ g, sorted by size."""
+    dev = slot_neuron.device
+    S = slot_neuron.numel()
+    K = int(slot_neuron.max()) + 1 if S else 1
+    blk = slot_row // block_rows
+    order = torch.argsort(blk * K + slot_neuron, stable=True)
+    s_blk, s_neu = blk[order], slot_neuron[order]
+    seg_key = s_blk * K + s_neu
+    new_seg = torch.ones(S, dtype=torch.bool, device=dev)
+    new_seg[1:] = seg_key[1:] != seg_key[:-1]
+    seg_start = torch.nonzero(new_seg).flatten()
+    seg_id = torch.cumsum(new_seg.long(), 0) - 1
+    j = torch.arange(S, device=dev) - seg_start[seg_id]
+    member = j % g
+    new_grp = member == 0
+    grp_id = torch.cumsum(new_grp.long(), 0) - 1
+    G = int(grp_id[-1]) + 1 if S else 0
+    grp_size = torch.bincount(grp_id, minlength=G)
+    grp_blk = s_blk[new_grp]
+    grp_neu = s_neu[new_grp]
+    # Within a block, bigger groups first, so groups with an m-th member form a prefix.
+    grp_order = torch.argsort(grp_blk * (g + 1) + (g - grp_size), stable=True)
+    grp_rank = torch.empty_like(grp_order)
+    grp_rank[grp_order] = torch.arange(G, device=dev)
+    key = (s_blk * g + member) * max(G, 1) + grp_rank[grp_id]
+    order2 = torch.argsort(key, stable=True)
+    slots_sorted = order[order2]
+    counts = torch.bincount(s_blk * g + member, minlength=n_blocks * g).view(n_blocks, g).tolist()
+    grp_counts = torch.bincount(grp_blk, minlength=n_blocks).tolist()
+    plans = []
+    pos = 0
+    gpos = 0
+    for b in range(n_blocks):
+        rows, slots = [], []
+        for m in range(g):
+            c = counts[b][m]
+            if c == 0:
+                break
+            sl = slots_sorted[pos : pos + c]
+            slots.append(sl)
+            rows.append(slot_row[sl] - b * block_rows)
+            pos += c
+        pos += sum(counts[b][len(rows) :])
+        gn = grp_neu[grp_order[gpos : gpos + grp_counts[b]]]
+        gpos += grp_counts[b]
+        plans.append(_Plan(gn, rows, slots))
+    return plans
+
+
+def pmi_pass(
+    tops: Sequence[Tensor],
+    image_emb: Tensor,
+    concept_emb: Tensor,
+    *,
+    a: float,
+    lam: float,
+    weights: Tensor | None,
+    min_prob: float,
+    sink: Sink,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    on_progress: Progress | None = None,
+    all_rows: bool = True,
+) -> Tensor:
+    """WPMI (weights None) or SoftWPMI (weights p_r [n]) scores for layers with top images ``tops``.
+
+    ``tops[l]`` is [K_l, n] image indices, best first. Final scores reach ``sink(l, m0, [K_l, mc])``
+    one concept chunk at a time. Returns ``image_lse`` [N]; with ``all_rows=False`` it is only
+    computed for images in some top list (NaN elsewhere), which is all the scores need.
+    """
+    img, Tm = image_emb, concept_emb
+    dt, dev = img.dtype, img.device
+    N, M = img.shape[0], Tm.shape[0]
+    esz = img.element_size()
+    n = tops[0].shape[1]
+    Ks = [t.shape[0] for t in tops]
+    offs = [0]
+    for k in Ks:
+        offs.append(offs[-1] + k)
+    Ktot = offs[-1]
+    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().cpu()
+    c = ((1 - w + min_prob) / w).to(dt).to(dev)  # factor offset per rank
+    log_w_sum = float(torch.log(w).sum())
+    slot_neuron = torch.arange(Ktot, device=dev).repeat_interleave(n)
+    slot_img = torch.cat([t.to(dev).reshape(-1) for t in tops])
+    slot_rank = torch.arange(n, device=dev).repeat(Ktot)
+
+    # Concept chunk: log p(t|B) for all neurons of the chunk must fit in ~40% of the budget.
+    mc = max(1, min(M, int(0.4 * memory_budget) // max(1, Ktot * esz)))
+    fused = mc >= M
+    gs_rows = max(8, min(256, (4 << 20) // max(1, M * esz)))  # factor buffers of ~4 MB
+    lse = torch.full((N,), math.nan, dtype=dt, device=dev)
+    logs = torch.zeros(N, dtype=dt, device=dev)  # log Σ exp(a·P − rowmax), 0 once lse is known
+    union = torch.unique(slot_img)
+    aI = img * a
+
+    def rows_pass(rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None, tick) -> None:
+        """P for rows (None = all images) × concepts [m0, m1); softmax; feed slots into acc."""
+        nr = N if rows is None else rows.numel()
+        width = m1 - m0
+        free = memory_budget - (acc.numel() * esz if acc is not None else 0) - 2 * gs_rows * width * esz
+        nb = max(16, min(nr, int(free * 0.9) // max(1, width * esz)))
+        n_blocks = -(-nr // nb)
+        plans = None
+        if acc is not None:
+            pos = slot_img if rows is None else torch.searchsorted(rows, slot_img)
+            g = _group_size(
+                float(c.min()), float(c.max()) if not known else float(c.max()), 1 if known else width, dt
+            )
+            plans = _plan_blocks(slot_neuron, pos, nb, n_blocks, g)
+        Tt = Tm[m0:m1].T
+        E = torch.empty(min(nb, nr), width, dtype=dt, device=dev)
+        sub = max(1, min(nb, (8 << 20) // max(1, width * esz)))  # elementwise work in ~8 MB pieces
+        buf = torch.empty(gs_rows, width, dtype=dt, device=dev)
+        tmp = torch.empty(gs_rows, width, dtype=dt, device=dev)
+        for b in range(n_blocks):
+            r0, r1 = b * nb, min(nr, (b + 1) * nb)
+            ids = torch.arange(r0, r1, device=dev) if rows is None else rows[r0:r1]
+            Eb = E[: r1 - r0]
+            for s0 in range(0, r1 - r0, sub):
+                s1 = min(r1 - r0, s0 + sub)
+                e = Eb[s0:s1]
+                src = aI[r0 + s0 : r0 + s1] if rows is None else aI[ids[s0:s1]]
+                torch.mm(src, Tt, out=e)
+                if known:
+                    e.sub_(lse[ids[s0:s1], None]).exp_()
+                else:
+                    shift = e.amax(dim=1)
+                    e.sub_(shift[:, None]).exp_()
+                    s = e.sum(dim=1)
+                    ls = torch.log(s)
+                    lse[ids[s0:s1]] = shift + ls
+                    logs[ids[s0:s1]] = ls
+            if plans is not None:
+                _feed(Eb, plans[b], slot_rank, c, None if known else torch.exp(logs[ids]), acc, buf, tmp)
+            tick()
+
+    progress_total = [0]
+    progress_done = [0]
+
+    def tick() -> None:
+        progress_done[0] += 1
+        if on_progress is not None:
+            on_progress(progress_done[0], progress_total[0])
+
+    # Rough step count for progress: row blocks of every pass.
+    def finish(acc: Tensor, m0: int, const: Tensor) -> None:
+        acc.add_(const[:, None])
+        for li, (k0, k1) in enumerate(zip(offs[:-1], offs[1:], strict=True)):
+            lp = acc[k0:k1]
+            prior = torch.logsumexp(lp, dim=0) - math.log(k1 - k0)
+            sink(li, m0, lp - lam * prior)
+
+    def neuron_const() -> Tensor:
+        # Σ_r log p_r − Σ_r log s(x_r) for each neuron (log s is 0 for rows scored with known lse).
+        return log_w_sum - logs[slot_img].view(Ktot, n).sum(1)
+
+    if fused:
+        progress_total[0] = 1
+        acc = torch.zeros(Ktot, M, dtype=dt, device=dev)
+        rows = None if all_rows else union
+        _set_total(
+            progress_total, N if rows is None else rows.numel(), M, M, Ktot, esz, memory_budget, gs_rows, True
+        )
+        rows_pass(rows, 0, M, False, acc, tick)
+        finish(acc, 0, neuron_const())
+        return lse
+    rows = None if all_rows else union
+    _set_total(
+        progress_total, N if rows is None else rows.numel(), M, mc, Ktot, esz, memory_budget, gs_rows, False
+    )
+    rows_pass(rows, 0, M, False, None, tick)
+    logs.zero_()
+    for m0 in range(0, M, mc):
+        m1 = min(M, m0 + mc)
+        acc = torch.zeros(Ktot, m1 - m0, dtype=dt, device=dev)
+        rows_pass(union, m0, m1, True, acc, tick)
+        finish(acc, m0, neuron_const())
+        del acc
+    return lse
+
+
+def _set_total(
+    box: list[int], nr: int, M: int, mc: int, Ktot: int, esz: int, budget: int, gs: int, fused: bool
+) -> None:
+    def blocks(rows: int, width: int, acc: bool) -> int:
+        free = budget - (Ktot * width * esz if acc else 0) - 2 * gs * width * esz
+        nb = max(16, min(rows, int(free * 0.9) // max(1, width * esz)))
+        return -(-rows // nb)
+
+    if fused:
+        box[0] = blocks(nr, M, True)
+    else:
+        box[0] = blocks(nr, M, False) + sum(blocks(nr, min(mc, M - m0), True) for m0 in range(0, M, mc))
+
+
+def _feed(
+    E: Tensor,
+    plan: _Plan,
+    slot_rank: Tensor,
+    c: Tensor,
+    s: Tensor | None,
+    acc: Tensor,
+    buf: Tensor,
+    tmp: Tensor,
+) -> None:
+    """acc[neuron] += log Π_group (E[row] + c_r·s_row) for every group of this row block."""
+    G = plan.group_neuron.numel()
+    if G == 0:
+        return
+    gs = buf.shape[0]
+    offs = []
+    for m in range(len(plan.member_rows)):
+        sl = plan.member_slots[m]
+        off = c[slot_rank[sl]]
+        if s is not None:
+            off = off * s[plan.member_rows[m]]
+        offs.append(off)
+    for g0 in range(0, G, gs):
+        g1 = min(G, g0 + gs)
+        out = buf[: g1 - g0]
+        for m, rows in enumerate(plan.member_rows):
+            k = min(rows.numel(), g1) - g0
+            if k <= 0:
+                break
+            if m == 0:
+                torch.index_select(E, 0, rows[g0 : g0 + k], out=out[:k])
+                out[:k].add_(offs[m][g0 : g0 + k, None])
+            else:
+                t = tmp[:k]
+                torch.index_select(E, 0, rows[g0 : g0 + k], out=t)
+                t.add_(offs[m][g0 : g0 + k, None])
+                out[:k].mul_(t)
+        out.log_()
+        acc.index_add_(0, plan.group_neuron[g0:g1], out)

@@ -1,0 +1,247 @@
+"""CLIP-Dissect similarity functions on dense inputs: the reference API.
+
+Every function is ``f(acts, P, **hyperparameters) -> scores`` with ``acts`` [N images, K neurons],
+``P`` [N images, M concepts] (P = I Tᵀ, cosine of image and concept embeddings) and the result
+[K, M]; the label of neuron k is ``scores[k].argmax()``. Defaults are the paper's (Appendix A.1,
+see DESIGN.md "Similarity functions"). Inputs may live on any device; float32 or float64 in gives
+the same dtype out. These functions receive P, so they may hold it, but they never build a second
+N×M matrix: Q = softmax(a·P) is produced one concept chunk at a time from a per-image logsumexp.
+
+``scoring.py`` computes the same numbers from embeddings without ever building P; the helpers
+that decide *which* images and *which* random permutations are used (``top_images``,
+``soft_weights``, ``rank_baseline``) live here and are shared so both give identical results.
+
+Conventions worth knowing:
+
+- Top images are the highest activations, ties broken by lower image index (deterministic).
+- When N is smaller than a top-n size, n is clamped to N (rank reorder keeps at least 2 images).
+  SoftWPMI's p_r keeps its denominator at the requested ``top_k`` so p_r of a rank never changes.
+- rank_reorder: the reference code additionally divides the error by mean(P over the top
+  images)^0.5. Here that is ``scale_p`` and it defaults to 0 (off): DESIGN.md defines
+  score = −err, and the division is undefined when that mean is ≤ 0 (the reference returns NaN)
+  and rewards concepts that are close to every image rather than ones that order the top images.
+  ``scale_p=0.5`` reproduces the reference (the mean is clamped at 1e-6 so it never gives NaN).
+- The random baseline of rank reorder uses a CPU ``torch.Generator`` seeded with ``seed``, so the
+  result is the same for a seed on every device and never touches the global RNG.
+- cos does not center; a zero-norm column gives similarity 0 instead of NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULTS",
+    "SIMILARITIES",
+    "cos",
+    "rank_baseline",
+    "rank_reorder",
+    "soft_weights",
+    "soft_wpmi",
+    "top_images",
+    "wpmi",
+]
+
+# The paper's hyperparameters (Appendix A.1); scoring.py validates keyword arguments against these.
+DEFAULTS: dict[str, dict[str, float | int]] = {
+    "cos": {},
+    "rank_reorder": {"p": 3.0, "top_fraction": 0.05, "scale_p": 0.0, "seed": 0, "n_perm": 5},
+    "wpmi": {"a": 2.0, "lam": 0.6, "top_k": 28, "min_prob": 1e-7},
+    "soft_wpmi": {"a": 10.0, "lam": 1.0, "top_k": 100, "p_start": 0.998, "p_end": 0.97, "min_prob": 1e-7},
+}
+
+_NORM_EPS = 1e-12
+# Elements per temporary block; keeps the dense reference's working memory around 64 MB.
+_BLOCK_ELEMS = 1 << 24
+
+
+def _check(acts: Tensor, P: Tensor) -> None:
+    if acts.ndim != 2 or P.ndim != 2:
+        raise ValueError(f"acts and P must be 2-D, got {tuple(acts.shape)} and {tuple(P.shape)}")
+    if acts.shape[0] != P.shape[0]:
+        raise ValueError(f"acts has {acts.shape[0]} images but P has {P.shape[0]}")
+    if acts.shape[0] == 0:
+        raise ValueError("no images")
+
+
+def _dtype(acts: Tensor, P: Tensor) -> torch.dtype:
+    dt = torch.promote_types(acts.dtype, P.dtype)
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
+
+
+def top_images(acts: Tensor, n: int = 100) -> tuple[Tensor, Tensor]:
+    """Top-n images of every neuron: (indices [K, n] long, values [K, n]), highest first.
+
+    Ties are broken by the lower image index, so the result is deterministic. n is clamped to N.
+    """
+    if acts.ndim != 2:
+        raise ValueError(f"acts must be [N, K], got {tuple(acts.shape)}")
+    N = acts.shape[0]
+    n = max(0, min(int(n), N))
+    a = acts.T  # [K, N] view; topk works on strided input without a copy
+    vals, idx = torch.topk(a, n, dim=1, largest=True, sorted=True)
+    if n == 0:
+        return idx, vals
+    # topk may pick any of several equal values at the boundary; fix those rows with a stable sort.
+    kth = vals[:, -1:]
+    n_eq_all = (a == kth).sum(1)
+    n_eq_sel = (vals == kth).sum(1)
+    bad = torch.nonzero(n_eq_all > n_eq_sel).flatten()
+    if bad.numel():
+        sv, si = torch.sort(a[bad], dim=1, descending=True, stable=True)
+        vals[bad], idx[bad] = sv[:, :n], si[:, :n]
+    # Order within the selection: value descending, then image index ascending.
+    idx, perm = torch.sort(idx, dim=1)
+    vals = torch.gather(vals, 1, perm)
+    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+    idx = torch.gather(idx, 1, perm)
+    return idx, vals
+
+
+def soft_weights(
+    n: int, top_k: int = 100, p_start: float = 0.998, p_end: float = 0.97, *, dtype=torch.float32, device=None
+) -> Tensor:
+    """SoftWPMI's p(x ∈ B_k) for ranks 0..n-1: p_r = p_start − r·(p_start − p_end)/top_k."""
+    r = torch.arange(n, dtype=torch.float64)
+    return (p_start - r * (p_start - p_end) / max(int(top_k), 1)).to(dtype=dtype, device=device)
+
+
+def rank_baseline(vals: Tensor, p: float = 3.0, seed: int = 0, n_perm: int = 5) -> Tensor:
+    """Mean |v − perm(v)|^p of each row of ``vals`` [K, n] over ``n_perm`` seeded random permutations.
+
+    The permutations come from a CPU generator in fixed blocks of neurons, so the result depends
+    only on (vals, seed), not on device or on how the caller chunks the work.
+    """
+    K, n = vals.shape
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    out = torch.empty(K, dtype=vals.dtype, device=vals.device)
+    block = 256
+    for k0 in range(0, K, block):
+        k1 = min(K, k0 + block)
+        perm = torch.rand(k1 - k0, n_perm, n, generator=gen).argsort(dim=-1).to(vals.device)
+        v = vals[k0:k1]
+        shuffled = torch.gather(v.unsqueeze(1).expand(-1, n_perm, -1), 2, perm)
+        out[k0:k1] = (v.unsqueeze(1) - shuffled).abs().pow(p).mean(dim=(1, 2))
+    return out
+
+
+def cos(acts: Tensor, P: Tensor) -> Tensor:
+    """Cosine similarity between each activation column q_k and each concept column P[:, m]."""
+    _check(acts, P)
+    dt = _dtype(acts, P)
+    q = acts.to(dt)
+    Pd = P.to(dt)
+    qn = q / q.norm(dim=0).clamp_min(_NORM_EPS)
+    pnorm = Pd.norm(dim=0).clamp_min(_NORM_EPS)
+    return (qn.T @ Pd) / pnorm
+
+
+def rank_reorder(
+    acts: Tensor,
+    P: Tensor,
+    p: float = 3.0,
+    top_fraction: float = 0.05,
+    scale_p: float = 0.0,
+    seed: int = 0,
+    n_perm: int = 5,
+) -> Tensor:
+    """Rank reorder: −(normalised error of reassigning q_k's top values in the order of P[:, m]).
+
+    For the top ``top_fraction`` images of q_k, the image with the j-th largest P[:, m] gets the
+    j-th largest activation; err = mean |q − q'|^p divided by the same error against ``n_perm``
+    random permutations. ``scale_p`` > 0 also divides by mean(P over the top images)^scale_p (the
+    reference code uses 0.5; see the module docstring for why the default is 0).
+    """
+    _check(acts, P)
+    dt = _dtype(acts, P)
+    N, M = P.shape
+    n = min(N, max(2, int(N * top_fraction)))
+    idx, vals = top_images(acts.to(dt), n)
+    base = rank_baseline(vals, p, seed, n_perm).clamp_min(torch.finfo(dt).tiny)
+    Pd = P.to(dt)
+    K = idx.shape[0]
+    out = torch.empty(K, M, dtype=dt, device=P.device)
+    kb = max(1, min(K, _BLOCK_ELEMS // max(1, n * M)))
+    mb = max(1, min(M, _BLOCK_ELEMS // max(1, kb * n)))
+    for k0 in range(0, K, kb):
+        k1 = min(K, k0 + kb)
+        v = vals[k0:k1]
+        for m0 in range(0, M, mb):
+            m1 = min(M, m0 + mb)
+            sub = Pd[idx[k0:k1], m0:m1]  # [kb, n, mb]
+            out[k0:k1, m0:m1] = _reorder_error(v, sub, p, scale_p) / base[k0:k1, None]
+    return -out
+
+
+def _reorder_error(vals: Tensor, sub: Tensor, p: float, scale_p: float) -> Tensor:
+    """mean_j |vals[order_j] − vals[j]|^p where order sorts ``sub`` [k, n, m] descending per column."""
+    order = torch.argsort(sub, dim=1, descending=True, stable=True)
+    reassigned = torch.gather(vals.unsqueeze(2).expand_as(sub), 1, order)
+    err = (reassigned - vals.unsqueeze(2)).abs_().pow_(p).mean(dim=1)
+    if scale_p:
+        err = err / sub.mean(dim=1).clamp_min(1e-6).pow(scale_p)
+    return err
+
+
+def _pmi(
+    acts: Tensor, P: Tensor, a: float, lam: float, n: int, weights: Tensor | None, min_prob: float
+) -> Tensor:
+    """log p(t|B_k) − λ log p(t), with Q = softmax(a·P) over concepts built one concept chunk at a time."""
+    dt = _dtype(acts, P)
+    Pd = P.to(dt)
+    N, M = Pd.shape
+    idx, _ = top_images(acts.to(dt), n)
+    n = idx.shape[1]
+    K = idx.shape[0]
+    lse = torch.logsumexp(a * Pd, dim=1)  # [N] softmax denominators
+    logp = torch.empty(K, M, dtype=dt, device=P.device)
+    mb = max(1, min(M, _BLOCK_ELEMS // max(1, K * n)))
+    for m0 in range(0, M, mb):
+        m1 = min(M, m0 + mb)
+        q = torch.exp(a * Pd[:, m0:m1] - lse[:, None])  # Q[:, chunk]
+        g = q[idx]  # [K, n, mb]
+        if weights is None:
+            term = g + min_prob
+        else:
+            w = weights.view(1, n, 1)
+            term = 1 + w * (g - 1) + min_prob
+        logp[:, m0:m1] = torch.log(term).sum(dim=1)
+    prior = torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(K), dtype=dt, device=P.device))
+    return logp - lam * prior
+
+
+def wpmi(
+    acts: Tensor, P: Tensor, a: float = 2.0, lam: float = 0.6, top_k: int = 28, min_prob: float = 1e-7
+) -> Tensor:
+    """WPMI: Σ_{i∈B_k} log(Q[i,t] + 1e-7) − λ·log p(t), B_k = top ``top_k`` images of q_k."""
+    _check(acts, P)
+    return _pmi(acts, P, a, lam, min(int(top_k), P.shape[0]), None, min_prob)
+
+
+def soft_wpmi(
+    acts: Tensor,
+    P: Tensor,
+    a: float = 10.0,
+    lam: float = 1.0,
+    top_k: int = 100,
+    p_start: float = 0.998,
+    p_end: float = 0.97,
+    min_prob: float = 1e-7,
+) -> Tensor:
+    """SoftWPMI: Σ_r log(1 + p_r(Q[x_r,t] − 1) + 1e-7) − λ·log p(t) over q_k's top ``top_k`` images."""
+    _check(acts, P)
+    n = min(int(top_k), P.shape[0])
+    w = soft_weights(n, top_k, p_start, p_end, dtype=_dtype(acts, P), device=P.device)
+    return _pmi(acts, P, a, lam, n, w, min_prob)
+
+
+SIMILARITIES: dict[str, Callable[..., Tensor]] = {
+    "cos": cos,
+    "rank_reorder": rank_reorder,
+    "wpmi": wpmi,
+    "soft_wpmi": soft_wpmi,
+}

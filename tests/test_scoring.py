@@ -1,0 +1,100 @@
+"""scoring.py gives similarity.py's numbers from embeddings, whatever the chunking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dissect_tui import scoring, similarity
+from dissect_tui.errors import UserError
+
+
+def _emb(N=150, M=40, D=12, K=9, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=dtype), dim=1)
+    T = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=dtype), dim=1)
+    acts = torch.randn(N, K, generator=g, dtype=dtype)
+    return acts, img, T
+
+
+# 1 GiB: one block; 20 kB: one pass over many row blocks; 4 kB: the concept-chunked two-pass path.
+BUDGETS = [1 << 30, 20_000, 4_000]
+
+
+@pytest.mark.parametrize("method", list(similarity.SIMILARITIES))
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_score_layer_equals_dense(method, budget):
+    acts, img, T = _emb()
+    dense = similarity.SIMILARITIES[method](acts, img @ T.T)
+    ref_vals, ref_idx = dense.topk(7, dim=1)
+    out = scoring.score_layer(acts, img, T, method, top_concepts=7, memory_budget=budget)
+    assert out.top_concepts.dtype == torch.long
+    assert torch.equal(out.top_concepts, ref_idx)
+    torch.testing.assert_close(out.top_scores, ref_vals, rtol=1e-10, atol=1e-10)
+    if method in ("wpmi", "soft_wpmi"):
+        a = similarity.DEFAULTS[method]["a"]
+        torch.testing.assert_close(out.image_lse, torch.logsumexp(a * (img @ T.T), dim=1))
+    else:
+        assert out.image_lse is None
+
+
+@pytest.mark.parametrize("method", ["soft_wpmi", "wpmi"])
+def test_hyperparameters_and_small_n(method):
+    acts, img, T = _emb(N=30)  # fewer images than top_k: clamped
+    hp = {"a": 5.0, "lam": 0.3, "top_k": 12}
+    dense = similarity.SIMILARITIES[method](acts, img @ T.T, **hp)
+    out = scoring.score_layer(acts, img, T, method, top_concepts=40, memory_budget=50_000, **hp)
+    assert out.top_scores.shape == (9, 40)
+    ref_vals, ref_idx = dense.topk(40, dim=1)
+    assert torch.equal(out.top_concepts, ref_idx)
+    torch.testing.assert_close(out.top_scores, ref_vals, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 80_000])
+def test_score_layers_prior_is_per_layer(budget):
+    acts, img, T = _emb(K=20)
+    layers = {"a": acts[:, :4], "b": acts[:, 4:], "c": acts[:, 4:5]}
+    out = scoring.score_layers(layers, img, T, "soft_wpmi", top_concepts=5, memory_budget=budget)
+    for name, A in layers.items():
+        ref_vals, ref_idx = similarity.soft_wpmi(A, img @ T.T).topk(5, dim=1)
+        assert torch.equal(out[name].top_concepts, ref_idx)
+        torch.testing.assert_close(out[name].top_scores, ref_vals, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_matches_float64():
+    acts, img, T = _emb(N=400, M=60)
+    hi = scoring.score_layer(acts, img, T, "soft_wpmi", top_concepts=1)
+    lo = scoring.score_layer(acts.float(), img.float(), T.float(), "soft_wpmi", top_concepts=1)
+    assert lo.top_scores.dtype == torch.float32
+    dense = similarity.soft_wpmi(acts, img @ T.T)
+    # float32 grouped products stay within float32 noise of the float64 truth
+    got = dense.gather(1, lo.top_concepts)
+    torch.testing.assert_close(lo.top_scores.double(), got, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(lo.top_scores.double(), hi.top_scores, rtol=1e-4, atol=2e-3)
+
+
+def test_progress_and_errors():
+    acts, img, T = _emb()
+    calls = []
+    scoring.score_layer(
+        acts, img, T, "soft_wpmi", memory_budget=4_000, on_progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls and calls[-1][0] == calls[-1][1]
+    assert all(d <= t for d, t in calls)
+    with pytest.raises(UserError):
+        scoring.score_layer(acts, img, T, "nope")
+    with pytest.raises(UserError):
+        scoring.score_layer(acts, img, T, "wpmi", p_start=0.9)
+
+
+def test_top_images_order_and_ties():
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randint(0, 4, (300, 5), generator=g).float()
+    acts[:, 0] = 1.0  # all tied
+    idx, vals = scoring.top_images(acts, n=100)
+    assert idx.shape == (5, 100) and idx.dtype == torch.long
+    for k in range(5):
+        ref = sorted(range(300), key=lambda i: (-acts[i, k].item(), i))[:100]
+        assert idx[k].tolist() == ref
+        assert torch.equal(vals[k], acts[ref, k])
+    assert idx[0].tolist() == list(range(100))
