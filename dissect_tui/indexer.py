@@ -332,6 +332,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         target = load_target(s.model, s.weights)
         layers = resolve_layers(target.model, s.layers, target.default_layers)
         clip_model = load_clip(s.clip, device=str(device), precision=precision)
+        for msg in clip_model.notes:
+            progress.note(msg)
+            notes.append(msg)
 
     batch_size = s.batch_size or (256 if device.type == "cuda" else 32)
     workers = (
