@@ -218,10 +218,10 @@ def test_mode_conversions_give_rgb_with_sane_values(tmp_path):
     cases["CMYK"] = (save(cmyk, tmp_path / "cmyk.tif"), (255, 0, 0))
     cases["CMYK-jpeg"] = (save(cmyk, tmp_path / "cmyk.jpg", quality=100), (255, 0, 0))
     i16 = Image.fromarray(np.full((4, 6), 257 * 200, dtype=np.uint16))
-    assert i16.mode == "img;16"
-    cases["img;16"] = (save(i16, tmp_path / "i16.png"), (200, 200, 200))
-    i32 = Image.fromarray(np.full((4, 6), 257 * 50, dtype=np.int32), "img")
-    cases["img"] = (save(i32, tmp_path / "i32.tif"), (50, 50, 50))
+    assert i16.mode == "I;16"
+    cases["I;16"] = (save(i16, tmp_path / "i16.png"), (200, 200, 200))
+    i32 = Image.fromarray(np.full((4, 6), 257 * 50, dtype=np.int32), "I")
+    cases["I"] = (save(i32, tmp_path / "i32.tif"), (50, 50, 50))
     bw = Image.new("1", (6, 4), 1)
     cases["1"] = (save(bw, tmp_path / "bw.png"), (255, 255, 255))
     flt = Image.fromarray(np.full((4, 6), 0.5, dtype=np.float32), "F")
@@ -256,7 +256,7 @@ def png_header_bomb(path: Path, side: int) -> None:
     """A valid 1-bit PNG of side x side pixels; tiny on disk, 1.2 GB if decoded to RGB."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">img", len(data)) + kind + data + struct.pack(">img", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     row = b"\x00" + b"\x00" * ((side + 7) // 8)
     comp = zlib.compressobj(9)
