@@ -329,6 +329,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
             progress.note(msg)
             notes.append(msg)
         probe = resolve_probe(s.probe, Path(s.cache_dir))
+        for msg in probe.notes:
+            progress.note(msg)
+            notes.append(msg)
         target = load_target(s.model, s.weights)
         layers = resolve_layers(target.model, s.layers, target.default_layers)
         clip_model = load_clip(s.clip, device=str(device), precision=precision)
@@ -349,7 +352,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     acts_chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     emb_chunks: list[torch.Tensor] = []
     ok_chunks: list[torch.Tensor] = []
-    thumbs: dict[int, tuple[bytes, int, int]] = {}
+    thumbs: dict[int, bytes] = {}
     sizes: list[tuple[int, int] | None] = [None] * n
     errors: list[str | None] = [None] * n
     layer_shapes: dict[str, str] = {}
