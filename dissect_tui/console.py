@@ -70,6 +70,10 @@ class RichProgress:
         if stage in self._tasks:
             self._progress.advance(self._tasks[stage], n)
 
+    def update(self, stage: str, done: int, total: int | None) -> None:
+        if stage in self._tasks:
+            self._progress.update(self._tasks[stage], completed=done, total=total)
+
     def finish(self, stage: str) -> None:
         if stage in self._tasks:
             task = self._tasks[stage]

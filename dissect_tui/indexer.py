@@ -41,6 +41,7 @@ IMAGE_CONCEPTS_TOP = 5  # best concepts stored per image (image_concepts), for S
 class ProgressSink(Protocol):
     def start(self, stage: str, total: int | None, unit: str = "items") -> None: ...
     def advance(self, stage: str, n: int = 1) -> None: ...
+    def update(self, stage: str, done: int, total: int | None) -> None: ...
     def finish(self, stage: str) -> None: ...
     def note(self, message: str) -> None: ...
 
@@ -50,6 +51,9 @@ class NullProgress:
         pass
 
     def advance(self, stage: str, n: int = 1) -> None:
+        pass
+
+    def update(self, stage: str, done: int, total: int | None) -> None:
         pass
 
     def finish(self, stage: str) -> None:
@@ -249,28 +253,30 @@ def _score_and_write_layers(
     times: dict[str, float],
     device: torch.device,
 ) -> list[LayerSummary]:
+    # All layers in one call: wpmi/soft_wpmi then share a single pass over the images' P rows.
+    progress.start("scoring", None, "steps")
+    with _stage(times, "scoring"):
+        acts = {layer: get_acts(layer).to(device) for layer in layers}
+        results = scoring.score_layers(
+            acts,
+            image_emb,
+            concept_emb,
+            method=similarity,
+            top_concepts=min(top_concepts, len(texts)),
+            on_progress=lambda done, total: progress.update("scoring", done, total),
+            **hp,
+        )
+        del acts
+    progress.finish("scoring")
     summaries = []
-    progress.start("scoring", len(layers), "layers")
-    for layer in layers:
-        with _stage(times, "scoring"):
-            acts = get_acts(layer).to(device)
-            result = scoring.score_layer(
-                acts,
-                image_emb,
-                concept_emb,
-                method=similarity,
-                top_concepts=min(top_concepts, len(texts)),
-                **hp,
-            )
-            top_c = result.top_concepts.cpu().numpy()
-            top_s = result.top_scores.float().cpu().numpy()
-        with _stage(times, "write"):
+    with _stage(times, "write"):
+        for layer in layers:
+            top_c = results[layer].top_concepts.cpu().numpy()
+            top_s = results[layer].top_scores.float().cpu().numpy()
             labels = [texts[i] for i in top_c[:, 0]]
             writer.write_neurons(run_id, layer, labels, concept_ids[top_c[:, 0]], top_s[:, 0], cutoff)
             writer.write_neuron_concepts(run_id, layer, concept_ids[top_c], top_s)
-        summaries.append(summarize_layer(layer, labels, top_s[:, 0], cutoff))
-        progress.advance("scoring", 1)
-    progress.finish("scoring")
+            summaries.append(summarize_layer(layer, labels, top_s[:, 0], cutoff))
     return summaries
 
 

@@ -232,7 +232,7 @@ def test_ctrl_c_leaves_previous_cache_and_no_temp_files(workspace, monkeypatch, 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scoring, "score_layer", interrupted)
+    monkeypatch.setattr(scoring, "score_layers", interrupted)
     assert main(workspace["args"]) == 130
     assert db.read_bytes() == before
     leftovers = [p.name for p in db.parent.iterdir() if p.name.startswith(".")]
