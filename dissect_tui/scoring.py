@@ -78,13 +78,16 @@ class _TopT:
         self.T = T
         self.vals = torch.full((K, 0), -math.inf, dtype=dtype, device=device)
         self.idx = torch.zeros((K, 0), dtype=torch.long, device=device)
-        self.rows: list[tuple[Tensor, Tensor]] = []
 
     def update(self, m0: int, scores: Tensor) -> None:
+        t = min(self.T, self.vals.shape[1] + scores.shape[1])
+        if self.vals.shape[1] == 0:  # first chunk: no [K, T + chunk] concatenation needed
+            self.vals, pos = torch.topk(scores, t, dim=1, sorted=True)
+            self.idx = pos + m0
+            return
         cols = torch.arange(m0, m0 + scores.shape[1], device=scores.device).expand_as(scores)
         vals = torch.cat([self.vals, scores], dim=1)
         idx = torch.cat([self.idx, cols], dim=1)
-        t = min(self.T, vals.shape[1])
         self.vals, pos = torch.topk(vals, t, dim=1, sorted=True)
         self.idx = torch.gather(idx, 1, pos)
 
@@ -358,19 +361,25 @@ def pmi_pass(
     union = torch.unique(slot_img)
     aI = img * a
 
-    def rows_pass(rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None, tick) -> None:
+    def block_rows(nr: int, width: int, with_acc: bool) -> int:
+        """Rows of P per block: what the budget leaves after the accumulator and factor buffers."""
+        free = memory_budget - (Ktot * width * esz if with_acc else 0) - 2 * gs_rows * width * esz
+        return max(16, min(nr, int(free * 0.9) // max(1, width * esz)))
+
+    done = [0]
+    total = [1]
+
+    def rows_pass(rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None) -> None:
         """P for rows (None = all images) × concepts [m0, m1); softmax; feed slots into acc."""
         nr = N if rows is None else rows.numel()
         width = m1 - m0
-        free = memory_budget - (acc.numel() * esz if acc is not None else 0) - 2 * gs_rows * width * esz
-        nb = max(16, min(nr, int(free * 0.9) // max(1, width * esz)))
+        nb = block_rows(nr, width, acc is not None)
         n_blocks = -(-nr // nb)
         plans = None
         if acc is not None:
             pos = slot_img if rows is None else torch.searchsorted(rows, slot_img)
-            g = _group_size(
-                float(c.min()), float(c.max()) if not known else float(c.max()), 1 if known else width, dt
-            )
+            # factors E + c_r·s lie in [c_min, 1 + c_max·s] with 1 ≤ s ≤ M (s = 1 once lse is known)
+            g = _group_size(float(c.min()), float(c.max()), 1 if known else width, dt)
             plans = _plan_blocks(slot_neuron, pos, nb, n_blocks, g)
         Tt = Tm[m0:m1].T
         E = torch.empty(min(nb, nr), width, dtype=dt, device=dev)
@@ -391,71 +400,44 @@ def pmi_pass(
                 else:
                     shift = e.amax(dim=1)
                     e.sub_(shift[:, None]).exp_()
-                    s = e.sum(dim=1)
-                    ls = torch.log(s)
+                    ls = torch.log(e.sum(dim=1))
                     lse[ids[s0:s1]] = shift + ls
                     logs[ids[s0:s1]] = ls
             if plans is not None:
                 _feed(Eb, plans[b], slot_rank, c, None if known else torch.exp(logs[ids]), acc, buf, tmp)
-            tick()
+            done[0] += 1
+            if on_progress is not None:
+                on_progress(done[0], total[0])
 
-    progress_total = [0]
-    progress_done = [0]
-
-    def tick() -> None:
-        progress_done[0] += 1
-        if on_progress is not None:
-            on_progress(progress_done[0], progress_total[0])
-
-    # Rough step count for progress: row blocks of every pass.
-    def finish(acc: Tensor, m0: int, const: Tensor) -> None:
-        acc.add_(const[:, None])
+    def finish(acc: Tensor, m0: int) -> None:
+        # Σ_r log p_r − Σ_r log s(x_r) per neuron (log s is 0 for rows scored with known lse)
+        acc.add_((log_w_sum - logs[slot_img].view(Ktot, n).sum(1))[:, None])
         for li, (k0, k1) in enumerate(zip(offs[:-1], offs[1:], strict=True)):
             lp = acc[k0:k1]
             prior = torch.logsumexp(lp, dim=0) - math.log(k1 - k0)
-            sink(li, m0, lp - lam * prior)
+            sink(li, m0, lp.sub_(lam * prior))  # in place: acc is not read again
 
-    def neuron_const() -> Tensor:
-        # Σ_r log p_r − Σ_r log s(x_r) for each neuron (log s is 0 for rows scored with known lse).
-        return log_w_sum - logs[slot_img].view(Ktot, n).sum(1)
-
+    first_rows = None if all_rows else union
+    nr_first = N if first_rows is None else union.numel()
     if fused:
-        progress_total[0] = 1
+        total[0] = -(-nr_first // block_rows(nr_first, M, True))
         acc = torch.zeros(Ktot, M, dtype=dt, device=dev)
-        rows = None if all_rows else union
-        _set_total(
-            progress_total, N if rows is None else rows.numel(), M, M, Ktot, esz, memory_budget, gs_rows, True
-        )
-        rows_pass(rows, 0, M, False, acc, tick)
-        finish(acc, 0, neuron_const())
+        rows_pass(first_rows, 0, M, False, acc)
+        finish(acc, 0)
         return lse
-    rows = None if all_rows else union
-    _set_total(
-        progress_total, N if rows is None else rows.numel(), M, mc, Ktot, esz, memory_budget, gs_rows, False
+    # Two passes: softmax denominators first, then concept chunks over the top images only.
+    chunks = [(m0, min(M, m0 + mc)) for m0 in range(0, M, mc)]
+    total[0] = -(-nr_first // block_rows(nr_first, M, False)) + sum(
+        -(-union.numel() // block_rows(union.numel(), m1 - m0, True)) for m0, m1 in chunks
     )
-    rows_pass(rows, 0, M, False, None, tick)
+    rows_pass(first_rows, 0, M, False, None)
     logs.zero_()
-    for m0 in range(0, M, mc):
-        m1 = min(M, m0 + mc)
+    for m0, m1 in chunks:
         acc = torch.zeros(Ktot, m1 - m0, dtype=dt, device=dev)
-        rows_pass(union, m0, m1, True, acc, tick)
-        finish(acc, m0, neuron_const())
+        rows_pass(union, m0, m1, True, acc)
+        finish(acc, m0)
         del acc
     return lse
-
-
-def _set_total(
-    box: list[int], nr: int, M: int, mc: int, Ktot: int, esz: int, budget: int, gs: int, fused: bool
-) -> None:
-    def blocks(rows: int, width: int, acc: bool) -> int:
-        free = budget - (Ktot * width * esz if acc else 0) - 2 * gs * width * esz
-        nb = max(16, min(rows, int(free * 0.9) // max(1, width * esz)))
-        return -(-rows // nb)
-
-    if fused:
-        box[0] = blocks(nr, M, True)
-    else:
-        box[0] = blocks(nr, M, False) + sum(blocks(nr, min(mc, M - m0), True) for m0 in range(0, M, mc))
 
 
 def _feed(
