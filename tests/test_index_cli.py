@@ -289,3 +289,36 @@ def test_python_dash_m_entry_point(tmp_path):
         [sys.executable, "-m", "dissect_tui", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "index" in out.stdout and "relabel" in out.stdout
+
+
+def test_out_of_memory_retries_with_smaller_batches(workspace, tmp_path, monkeypatch, capsys):
+    """A batch that does not fit is split in halves until it does; the results are unchanged."""
+    from dissect_tui import targets
+
+    original = targets.load_target
+    sizes: list[int] = []
+
+    def load_small_memory_target(*args, **kwargs):
+        target = original(*args, **kwargs)
+        forward = target.model.forward
+
+        def limited(x):
+            sizes.append(x.shape[0])
+            if x.shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(x)
+
+        target.model.forward = limited
+        return target
+
+    monkeypatch.setattr(targets, "load_target", load_small_memory_target)
+    args = list(workspace["args"])
+    args[args.index("--db") + 1] = str(tmp_path / "oom.duckdb")
+    args.remove("--quiet")
+    assert main(args) == 0
+    assert max(sizes) == 16 and 4 in sizes
+    assert "out of memory" in capsys.readouterr().err
+    with open_cache(tmp_path / "oom.duckdb") as a, open_cache(workspace["db"]) as b:
+        for layer in LAYERS:
+            np.testing.assert_allclose(a.layer_activations(layer)[1], b.layer_activations(layer)[1], rtol=1e-5)
+        assert list(a.neurons(1)["label"]) == list(b.neurons(1)["label"])
