@@ -27,9 +27,19 @@ images that are in some neuron's top list (Q = exp(a·P − lse) is then exact p
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -261,6 +271,11 @@ class _Plan:
     group_neuron: Tensor  # [G] global neuron id of each group, groups sorted by size descending
     member_rows: list[Tensor]  # member m: local row of the m-th factor of the first len(..) groups
     member_slots: list[Tensor]  # member m: slot ids (for the per-slot constant c_r)
+    # The same groups as CSR for the compiled kernel, groups sorted by neuron:
+    csr_start: Tensor  # [G + 1] offsets into csr_slots
+    csr_slots: Tensor  # slot ids, group after group
+    csr_rows: Tensor  # local row of each of those slots
+    csr_neuron: Tensor  # [G]
 
 
 def _plan_blocks(
@@ -295,10 +310,18 @@ def _plan_blocks(
     slots_sorted = order[order2]
     counts = torch.bincount(s_blk * g + member, minlength=n_blocks * g).view(n_blocks, g).tolist()
     grp_counts = torch.bincount(grp_blk, minlength=n_blocks).tolist()
+    slot_counts = torch.bincount(s_blk, minlength=n_blocks).tolist()
+    grp_first = torch.nonzero(new_grp).flatten()  # position of each group's first slot in `order`
     plans = []
     pos = 0
     gpos = 0
+    spos = 0
     for b in range(n_blocks):
+        g0, g1 = gpos, gpos + grp_counts[b]
+        csr_start = torch.cat([grp_first[g0:g1], torch.tensor([spos + slot_counts[b]], device=dev)]) - spos
+        csr_slots = order[spos : spos + slot_counts[b]]
+        csr = (csr_start, csr_slots, slot_row[csr_slots] - b * block_rows, grp_neu[g0:g1])
+        spos += slot_counts[b]
         rows, slots = [], []
         for m in range(g):
             c = counts[b][m]
@@ -311,7 +334,7 @@ def _plan_blocks(
         pos += sum(counts[b][len(rows) :])
         gn = grp_neu[grp_order[gpos : gpos + grp_counts[b]]]
         gpos += grp_counts[b]
-        plans.append(_Plan(gn, rows, slots))
+        plans.append(_Plan(gn, rows, slots, *csr))
     return plans
 
 
@@ -383,26 +406,31 @@ def pmi_pass(
             plans = _plan_blocks(slot_neuron, pos, nb, n_blocks, g)
         Tt = Tm[m0:m1].T
         E = torch.empty(min(nb, nr), width, dtype=dt, device=dev)
-        sub = max(1, min(nb, (8 << 20) // max(1, width * esz)))  # elementwise work in ~8 MB pieces
+        # Matrix products in ~64 MB pieces (BLAS is ~2x slower on thin ones), softmax work in
+        # ~8 MB pieces that stay in cache.
+        sub_mm = max(1, min(nb, (64 << 20) // max(1, width * esz)))
+        sub_ew = max(1, min(sub_mm, (8 << 20) // max(1, width * esz)))
         buf = torch.empty(gs_rows, width, dtype=dt, device=dev)
         tmp = torch.empty(gs_rows, width, dtype=dt, device=dev)
         for b in range(n_blocks):
             r0, r1 = b * nb, min(nr, (b + 1) * nb)
             ids = torch.arange(r0, r1, device=dev) if rows is None else rows[r0:r1]
             Eb = E[: r1 - r0]
-            for s0 in range(0, r1 - r0, sub):
-                s1 = min(r1 - r0, s0 + sub)
-                e = Eb[s0:s1]
-                src = aI[r0 + s0 : r0 + s1] if rows is None else aI[ids[s0:s1]]
-                torch.mm(src, Tt, out=e)
-                if known:
-                    e.sub_(lse[ids[s0:s1], None]).exp_()
-                else:
-                    shift = e.amax(dim=1)
-                    e.sub_(shift[:, None]).exp_()
-                    ls = torch.log(e.sum(dim=1))
-                    lse[ids[s0:s1]] = shift + ls
-                    logs[ids[s0:s1]] = ls
+            for q0 in range(0, r1 - r0, sub_mm):
+                q1 = min(r1 - r0, q0 + sub_mm)
+                src = aI[r0 + q0 : r0 + q1] if rows is None else aI[ids[q0:q1]]
+                torch.mm(src, Tt, out=Eb[q0:q1])
+                for s0 in range(q0, q1, sub_ew):
+                    s1 = min(q1, s0 + sub_ew)
+                    e = Eb[s0:s1]
+                    if known:
+                        e.sub_(lse[ids[s0:s1], None]).exp_()
+                    else:
+                        shift = e.amax(dim=1)
+                        e.sub_(shift[:, None]).exp_()
+                        ls = torch.log(e.sum(dim=1))
+                        lse[ids[s0:s1]] = shift + ls
+                        logs[ids[s0:s1]] = ls
             if plans is not None:
                 _feed(Eb, plans[b], slot_rank, c, None if known else torch.exp(logs[ids]), acc, buf, tmp)
             done[0] += 1
@@ -454,6 +482,13 @@ def _feed(
     G = plan.group_neuron.numel()
     if G == 0:
         return
+    kern = _kernel(E.dtype) if E.device.type == "cpu" else None
+    if kern is not None:
+        off = c[slot_rank[plan.csr_slots]]
+        if s is not None:
+            off = off * s[plan.csr_rows]
+        _run_kernel(kern, E, acc, plan.csr_start, plan.csr_rows, off.contiguous(), plan.csr_neuron)
+        return
     gs = buf.shape[0]
     offs = []
     for m in range(len(plan.member_rows)):
@@ -479,3 +514,128 @@ def _feed(
                 out[:k].mul_(t)
         out.log_()
         acc.index_add_(0, plan.group_neuron[g0:g1], out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernel for the grouped products (CPU). Eager torch needs three memory passes per
+# term (gather, add, multiply) plus a scatter-add per group; this loop does one. It is built once
+# per machine with the system C compiler into a user cache directory and loaded with ctypes
+# (which releases the GIL, so threads can split the neurons). Without a compiler, or with
+# DISSECT_TUI_NO_KERNEL=1, the eager path above gives the same numbers.
+
+_KERNEL_SRC = r"""
+#include <math.h>
+#include <stdint.h>
+#define TILE 1024
+#define FEED(NAME, T, LOG)                                                                       \
+void NAME(const T* E, int64_t ldE, int64_t M, int64_t G, const int64_t* gstart,                  \
+          const int64_t* rows, const T* offs, const int64_t* gneuron, T* acc, int64_t ldA) {     \
+  T s[TILE] __attribute__((aligned(64)));                                                        \
+  for (int64_t g = 0; g < G; ++g) {                                                              \
+    T* a = acc + gneuron[g] * ldA;                                                               \
+    int64_t j0 = gstart[g], j1 = gstart[g + 1];                                                  \
+    for (int64_t m0 = 0; m0 < M; m0 += TILE) {                                                   \
+      int64_t mt = M - m0 < TILE ? M - m0 : TILE;                                                \
+      const T* e0 = E + rows[j0] * ldE + m0;                                                     \
+      T o0 = offs[j0];                                                                           \
+      for (int64_t m = 0; m < mt; ++m) s[m] = e0[m] + o0;                                        \
+      for (int64_t j = j0 + 1; j < j1; ++j) {                                                    \
+        const T* e = E + rows[j] * ldE + m0;                                                     \
+        T o = offs[j];                                                                           \
+        for (int64_t m = 0; m < mt; ++m) s[m] *= e[m] + o;                                       \
+      }                                                                                          \
+      T* am = a + m0;                                                                            \
+      for (int64_t m = 0; m < mt; ++m) am[m] += LOG(s[m]);                                       \
+    }                                                                                            \
+  }                                                                                              \
+}
+FEED(feed_f32, float, logf)
+FEED(feed_f64, double, log)
+"""
+
+_kernels: dict[str, object] = {}
+
+
+def _kernel(dtype: torch.dtype):
+    """The compiled feed function for float32/float64, or None when it cannot be built."""
+    name = {torch.float32: "feed_f32", torch.float64: "feed_f64"}.get(dtype)
+    if name is None or os.environ.get("DISSECT_TUI_NO_KERNEL"):
+        return None
+    if "lib" not in _kernels:
+        _kernels["lib"] = _build_kernel()
+    lib = _kernels["lib"]
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [P, I64, I64, I64, P, P, P, P, P, I64]
+    fn.restype = None
+    return fn
+
+
+def _build_kernel():
+    try:
+        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if cc is None or sys.platform == "win32":
+            return None
+        digest = hashlib.sha256((_KERNEL_SRC + platform.machine() + platform.node()).encode()).hexdigest()[
+            :16
+        ]
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect-tui" / "kernels"
+        so = root / f"pmi_{digest}.so"
+        if not so.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src = Path(tmp) / "pmi.c"
+                src.write_text(_KERNEL_SRC)
+                out = Path(tmp) / so.name
+                flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+                subprocess.run(
+                    [cc, *flags, "-o", str(out), str(src), "-lm"],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                os.replace(out, so)  # atomic: concurrent builders never load a half-written file
+        return ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_kernel(fn, E: Tensor, acc: Tensor, start: Tensor, rows: Tensor, off: Tensor, neuron: Tensor) -> None:
+    """Split the groups into contiguous runs of whole neurons, one per thread (no shared acc rows)."""
+    G = neuron.numel()
+    M = E.shape[1]
+    start, rows, neuron = start.contiguous(), rows.contiguous(), neuron.contiguous()
+    n_threads = max(1, min(torch.get_num_threads(), G // 64 or 1))
+    cuts = [0]
+    for t in range(1, n_threads):
+        i = max(cuts[-1], G * t // n_threads)
+        while 0 < i < G and neuron[i] == neuron[i - 1]:
+            i += 1
+        cuts.append(i)
+    cuts.append(G)
+
+    def part(g0: int, g1: int) -> None:
+        if g1 > g0:
+            fn(
+                E.data_ptr(),
+                E.stride(0),
+                M,
+                g1 - g0,
+                start.data_ptr() + g0 * 8,
+                rows.data_ptr(),
+                off.data_ptr(),
+                neuron.data_ptr() + g0 * 8,
+                acc.data_ptr(),
+                acc.stride(0),
+            )
+
+    if n_threads == 1:
+        part(0, G)
+        return
+    threads = [threading.Thread(target=part, args=(cuts[i], cuts[i + 1])) for i in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, dict[str, float | int]] = {
 _NORM_EPS = 1e-12
 # Elements per temporary block; keeps the dense reference's working memory around 64 MB.
 _BLOCK_ELEMS = 1 << 24
+_TOPK_BLOCK_ELEMS = 1 << 24  # elements per transposed block in top_images
 
 
 def _check(acts: Tensor, P: Tensor) -> None:
@@ -79,26 +80,36 @@ def top_images(acts: Tensor, n: int = 100) -> tuple[Tensor, Tensor]:
     """
     if acts.ndim != 2:
         raise ValueError(f"acts must be [N, K], got {tuple(acts.shape)}")
-    N = acts.shape[0]
+    N, K = acts.shape
     n = max(0, min(int(n), N))
-    a = acts.T  # [K, N] view; topk works on strided input without a copy
-    vals, idx = torch.topk(a, n, dim=1, largest=True, sorted=True)
     if n == 0:
-        return idx, vals
-    # topk may pick any of several equal values at the boundary; fix those rows with a stable sort.
-    kth = vals[:, -1:]
-    n_eq_all = (a == kth).sum(1)
-    n_eq_sel = (vals == kth).sum(1)
-    bad = torch.nonzero(n_eq_all > n_eq_sel).flatten()
-    if bad.numel():
-        sv, si = torch.sort(a[bad], dim=1, descending=True, stable=True)
-        vals[bad], idx[bad] = sv[:, :n], si[:, :n]
+        return torch.empty(K, 0, dtype=torch.long, device=acts.device), acts.new_empty(K, 0)
+    # topk along the strided image dimension is several times slower than along contiguous rows,
+    # so blocks of ~64 MB of images are transposed, their top n+1 kept, and the candidates merged.
+    nc = max(n + 1, _TOPK_BLOCK_ELEMS // max(1, K))
+    cand_v, cand_i = [], []
+    for r0 in range(0, N, nc):
+        blk = acts[r0 : r0 + nc].T.contiguous()  # [K, rows]
+        v, i = torch.topk(blk, min(n + 1, blk.shape[1]), dim=1, largest=True, sorted=True)
+        cand_v.append(v)
+        cand_i.append(i + r0)
+    v, i = torch.cat(cand_v, dim=1), torch.cat(cand_i, dim=1)
+    if len(cand_v) > 1:
+        v, pos = torch.topk(v, min(n + 1, v.shape[1]), dim=1, largest=True, sorted=True)
+        i = torch.gather(i, 1, pos)
+    if n < N:
+        # topk may pick any of several equal values at the boundary: an (n+1)-th candidate equal to
+        # the n-th flags those rows, which are redone with a stable sort (lowest indices win).
+        bad = torch.nonzero(v[:, n] == v[:, n - 1]).flatten()
+        v, i = v[:, :n].clone(), i[:, :n].clone()
+        if bad.numel():
+            sv, si = torch.sort(acts[:, bad].T, dim=1, descending=True, stable=True)
+            v[bad], i[bad] = sv[:, :n], si[:, :n]
     # Order within the selection: value descending, then image index ascending.
-    idx, perm = torch.sort(idx, dim=1)
-    vals = torch.gather(vals, 1, perm)
-    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-    idx = torch.gather(idx, 1, perm)
-    return idx, vals
+    i, perm = torch.sort(i, dim=1)
+    v = torch.gather(v, 1, perm)
+    v, perm = torch.sort(v, dim=1, descending=True, stable=True)
+    return torch.gather(i, 1, perm), v
 
 
 def soft_weights(

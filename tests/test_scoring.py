@@ -98,3 +98,29 @@ def test_top_images_order_and_ties():
         assert idx[k].tolist() == ref
         assert torch.equal(vals[k], acts[ref, k])
     assert idx[0].tolist() == list(range(100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_kernel_equals_eager(monkeypatch, dtype):
+    if scoring._kernel(dtype) is None:
+        pytest.skip("no C compiler: only the eager path exists here")
+    acts, img, T = _emb(N=500, M=70, K=30, dtype=dtype)
+    fast = scoring.score_layer(acts, img, T, "soft_wpmi", top_concepts=10, memory_budget=300_000)
+    monkeypatch.setenv("DISSECT_TUI_NO_KERNEL", "1")
+    assert scoring._kernel(dtype) is None
+    slow = scoring.score_layer(acts, img, T, "soft_wpmi", top_concepts=10, memory_budget=300_000)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(fast.top_scores, slow.top_scores, rtol=tol, atol=tol)
+    assert (fast.top_concepts[:, 0] == slow.top_concepts[:, 0]).float().mean() > 0.95
+
+
+def test_top_images_ties_across_blocks(monkeypatch):
+    monkeypatch.setattr(similarity, "_TOPK_BLOCK_ELEMS", 500)  # blocks of ~100 images
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randint(0, 3, (450, 5), generator=g).float()
+    acts[:, 4] = torch.randn(450, generator=g)
+    idx, vals = scoring.top_images(acts, n=60)
+    for k in range(5):
+        ref = sorted(range(450), key=lambda i: (-acts[i, k].item(), i))[:60]
+        assert idx[k].tolist() == ref
+        assert torch.equal(vals[k], acts[ref, k])
