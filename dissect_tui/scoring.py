@@ -1,6 +1,6 @@
 """The indexing pipeline's scorer: similarity.py's numbers without ever building N×M P or Q.
 
-P = img Tᵀ is never materialised. What each method needs instead:
+P = I Tᵀ is never materialised. What each method needs instead:
 
 - cos: q·P[:, m] = (qᵀI)·T_m and |P[:, m]|² = T_m (IᵀI) T_mᵀ, so only [K, D] and [D, D]
   products are formed and scores come one concept chunk at a time.
@@ -20,7 +20,10 @@ log is taken per group: with Q = E/s (E = exp(a·P − rowmax), s = ΣE),
 
 so a group's product Π(E + c_r·s) stays inside float range for a group size chosen from the
 bounds of its factors, and the Σ log(p_r/s) part is a per-neuron constant. WPMI is the same with
-p_r = 1 and c_r = ε. When log p(t|B_k) for all neurons × all concepts does not fit the memory
+p_r = 1 and c_r = ε. On CPU the grouped products run in a small C loop
+compiled once per machine with the system compiler (one memory pass instead of eager torch's
+three); without a compiler, on GPU, or with DISSECT_TUI_NO_KERNEL=1 eager torch computes the
+same numbers. When log p(t|B_k) for all neurons × all concepts does not fit the memory
 budget, a first pass computes ``image_lse`` and the rest runs in concept chunks over only the
 images that are in some neuron's top list (Q = exp(a·P − lse) is then exact per chunk).
 """
