@@ -76,13 +76,16 @@ def score_free_concepts(
     if torch.isnan(lse[top]).any():
         raise UserError("free-text query: this run stores no softmax denominators for its top images")
     rows, pos = torch.unique(top, return_inverse=True)  # pos [K, R] into rows
-    aP = (img[rows] @ new.T) * a  # [U, C]
-    logq = aP - torch.logaddexp(lse[rows, None], aP)
-    q = torch.exp(logq)
+    aP = (img @ new.T)[rows] * a  # [U, C]; N×D×C is cheap, copying U rows of img is not
+    q = torch.exp(aP - torch.logaddexp(lse[rows, None], aP))
     w = soft_weights(R, top_k, p_start, p_end, dtype=dt, device=img.device)
-    logp = torch.zeros(K, new.shape[0], dtype=dt, device=img.device)
-    for r in range(R):
-        logp += torch.log(1 + w[r] * (q[pos[:, r]] - 1) + min_prob)
+    C = q.shape[1]
+    logp = torch.empty(K, C, dtype=dt, device=img.device)
+    cc = max(1, (1 << 24) // max(1, K * R))  # [K, R, cc] temporaries of at most ~64 MB
+    for c0 in range(0, C, cc):
+        terms = q[:, c0 : c0 + cc][pos]  # [K, R, cc]
+        terms.sub_(1).mul_(w[None, :, None]).add_(1 + min_prob).log_()
+        logp[:, c0 : c0 + cc] = terms.sum(dim=1)
     prior = torch.logsumexp(logp, dim=0) - math.log(K)
     return (logp - lam * prior).cpu().numpy()
 
