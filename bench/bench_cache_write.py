@@ -54,7 +54,7 @@ def main() -> None:
     print(f"{'part':<16}{'activations s':>15}{'top lists s':>13}")
     for name, a, b in rows:
         print(f"{name:<16}{a:>15.2f}{b:>13.2f}")
-    print(f"{'checkpoint':<16}{commit_s:>15.2f}")
+    print(f"{'commit':<16}{commit_s:>15.2f}   (one transaction: the data is written here)")
     neurons = sum(widths)
     print(
         f"total {total:.2f} s for {n:,} images × {neurons:,} neurons "

@@ -79,6 +79,10 @@ class CacheWriter:
         except duckdb.Error as exc:
             _remove_db_files(self.tmp_path)
             raise CacheError(f"cannot create {self.tmp_path}: {exc}") from None
+        # One transaction for the whole build: DuckDB then writes each big insert once, at
+        # commit, instead of committing (and checkpointing) insert by insert - 2x faster
+        # for 50k images x 3,904 neurons (bench/bench_cache_write.py).
+        self.con.execute("BEGIN TRANSACTION")
         if base is None:
             self.con.execute(TABLES)
             self.con.execute(
@@ -95,7 +99,8 @@ class CacheWriter:
             self.abort()
 
     def commit(self) -> Path:
-        """Checkpoint, close and atomically replace the final path."""
+        """Commit, checkpoint, close and atomically replace the final path."""
+        self.con.execute("COMMIT")
         self.con.execute("CHECKPOINT")
         self.con.close()
         os.replace(self.tmp_path, self.final_path)
