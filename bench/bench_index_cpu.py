@@ -68,7 +68,9 @@ def main() -> None:
     stages = list(rows[0][1])
     print(f"{'workers':>8}" + "".join(f"{s:>10}" for s in stages) + f"{'total s':>10}{'img/s':>8}")
     for workers, st, total, ips in rows:
-        print(f"{workers:>8}" + "".join(f"{st.get(s, 0):>10.1f}" for s in stages) + f"{total:>10.1f}{ips:>8.0f}")
+        print(
+            f"{workers:>8}" + "".join(f"{st.get(s, 0):>10.1f}" for s in stages) + f"{total:>10.1f}{ips:>8.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ def build():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
     preprocess = T.Compose(
-        [T.Resize(72), T.CenterCrop(64), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+        [
+            T.Resize(72),
+            T.CenterCrop(64),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
     )
     return model, preprocess
