@@ -236,11 +236,12 @@ def summarize_layer(layer: str, labels: list[str], scores: np.ndarray, cutoff: f
     )
 
 
-def _score_and_write_layers(
+def _score_and_write(
     writer: CacheWriter,
     run_id: int,
     layers: list[str],
     get_acts,
+    image_ids: np.ndarray,
     image_emb: torch.Tensor,
     concept_emb: torch.Tensor,
     concept_ids: np.ndarray,
@@ -277,6 +278,13 @@ def _score_and_write_layers(
             writer.write_neurons(run_id, layer, labels, concept_ids[top_c[:, 0]], top_s[:, 0], cutoff)
             writer.write_neuron_concepts(run_id, layer, concept_ids[top_c], top_s)
             summaries.append(summarize_layer(layer, labels, top_s[:, 0], cutoff))
+    with _stage(times, "scoring"):
+        img_top, img_sims, lse = image_concept_summary(
+            image_emb, concept_emb, _softmax_temperature(similarity, hp)
+        )
+    with _stage(times, "write"):
+        writer.write_image_concepts(run_id, image_ids, concept_ids[img_top], img_sims)
+        writer.write_image_softmax(run_id, image_ids, lse)
     return summaries
 
 
@@ -496,11 +504,12 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
             progress.advance("top images", 1)
         progress.finish("top images")
 
-        summaries = _score_and_write_layers(
+        summaries = _score_and_write(
             writer,
             run_id,
             layers,
             lambda layer: acts_all[layer],
+            ok_ids,
             image_emb,
             concept_emb,
             concept_ids,
@@ -513,13 +522,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
             times,
             device,
         )
-        with _stage(times, "scoring"):
-            img_top, img_sims, lse = image_concept_summary(
-                image_emb, concept_emb, _softmax_temperature(s.similarity, hp)
-            )
         with _stage(times, "write"):
-            writer.write_image_concepts(run_id, ok_ids, concept_ids[img_top], img_sims)
-            writer.write_image_softmax(run_id, ok_ids, lse)
             writer.write_thumbnails({i: thumbs[i] for i in sorted(thumb_ids) if i in thumbs})
             linear = final_linear(target)
             if linear is not None and target.final_layer in layers:
@@ -668,11 +671,12 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
                 )
             return torch.from_numpy(acts)
 
-        summaries = _score_and_write_layers(
+        summaries = _score_and_write(
             writer,
             run_id,
             layers,
             get_acts,
+            image_ids,
             image_emb,
             concept_emb,
             concept_ids,
@@ -685,13 +689,7 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             times,
             device,
         )
-        with _stage(times, "scoring"):
-            img_top, img_sims, lse = image_concept_summary(
-                image_emb, concept_emb, _softmax_temperature(similarity, hp)
-            )
         with _stage(times, "write"):
-            writer.write_image_concepts(run_id, image_ids, concept_ids[img_top], img_sims)
-            writer.write_image_softmax(run_id, image_ids, lse)
             writer.update_run(run_id, stage_seconds={k: round(v, 3) for k, v in times.items()})
             writer.commit()
     return IndexResult(

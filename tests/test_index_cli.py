@@ -320,5 +320,7 @@ def test_out_of_memory_retries_with_smaller_batches(workspace, tmp_path, monkeyp
     assert "out of memory" in capsys.readouterr().err
     with open_cache(tmp_path / "oom.duckdb") as a, open_cache(workspace["db"]) as b:
         for layer in LAYERS:
-            np.testing.assert_allclose(a.layer_activations(layer)[1], b.layer_activations(layer)[1], rtol=1e-5)
+            np.testing.assert_allclose(
+                a.layer_activations(layer)[1], b.layer_activations(layer)[1], rtol=1e-5
+            )
         assert list(a.neurons(1)["label"]) == list(b.neurons(1)["label"])
