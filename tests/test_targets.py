@@ -213,7 +213,7 @@ def test_custom_factory_file(tmp_path):
     spec = write_tiny_cnn_factory(tmp_path)
     target = load_target(spec)
     assert isinstance(target.model, nn.Module) and not target.model.training
-    assert target.default_layers == ["conv1", "layer1", "layer2", "pool", "flatten", "fc"]
+    assert target.default_layers == ["conv1", "layer1", "layer2", "fc"]
     assert (target.final_layer, target.final_layer_input) == ("fc", None)
     assert target.weights == "none" and target.name == spec
     assert target.preprocess(Image.new("RGB", (300, 300))).shape == (3, 224, 224)
@@ -403,7 +403,7 @@ def test_final_linear_absent_without_linear_head(tmp_path):
     )
     target = load_target(f"{path}:build")
     assert target.final_layer is None and final_linear(target) is None
-    assert target.default_layers == ["0", "1", "2"]
+    assert target.default_layers == ["0", "2"]  # the pooling child has no parameters
 
 
 def test_imagenet_preprocess_values():
