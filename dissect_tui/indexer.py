@@ -86,6 +86,7 @@ class IndexSettings:
     precision: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
+    decode: str = "auto"  # auto | cpu | gpu (dissect_tui.fast_decode); "tensor" forces the device path
 
     def db_path(self) -> Path:
         return Path(self.db) if self.db else Path(self.cache_dir) / f"{cache_name(self.model)}.duckdb"
@@ -321,6 +322,7 @@ def _stored_concept_embeddings(reader: CacheReader, clip_key: str, texts: list[s
 # -- index ------------------------------------------------------------------------------
 def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> IndexResult:
     from dissect_tui.clip_backend import load_clip
+    from dissect_tui.fast_decode import DecodeStats, iter_device_batches, plan_decode
     from dissect_tui.probe import iter_batches, resolve_probe
     from dissect_tui.targets import LayerRecorder, final_linear, load_target, resolve_layers
 
@@ -352,6 +354,13 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         for msg in clip_model.notes:
             progress.note(msg)
             notes.append(msg)
+        transforms = [target.preprocess, clip_model.preprocess]
+        decode_plan, decode_notes = plan_decode(s.decode, device, transforms)
+        for msg in decode_notes:
+            progress.note(msg)
+            notes.append(msg)
+    decode_used = "cpu" if decode_plan is None else decode_plan.mode
+    decode_stats = DecodeStats()
 
     batch_size = s.batch_size or (256 if device.type == "cuda" else 32)
     workers = (
@@ -393,13 +402,15 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 a2, e2 = forward(x_t[half:], x_c[half:])
                 return {k: torch.cat([a1[k], a2[k]]) for k in a1}, torch.cat([e1, e2])
 
-        for batch in iter_batches(
-            probe,
-            [target.preprocess, clip_model.preprocess],
-            batch_size=batch_size,
-            workers=workers,
-            thumbnail_px=s.thumbnail_px,
-        ):
+        if decode_plan is None:
+            batches = iter_batches(
+                probe, transforms, batch_size=batch_size, workers=workers, thumbnail_px=s.thumbnail_px
+            )
+        else:  # JPEGs decoded and preprocessed on the device; workers only read files
+            batches = iter_device_batches(
+                probe, transforms, decode_plan, batch_size, workers, s.thumbnail_px, decode_stats
+            )
+        for batch in batches:
             ids = batch.indices
             for j, i in enumerate(ids.tolist()):
                 sizes[i] = batch.sizes[j]
@@ -408,8 +419,12 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                     thumbs[i] = batch.thumbnails[j]
             ok = batch.ok
             if bool(ok.any()):
-                x_t = batch.inputs[0][ok].to(device, non_blocking=True)
-                x_c = batch.inputs[1][ok].to(device, non_blocking=True)
+                x_t, x_c = batch.inputs
+                if not bool(ok.all()):
+                    keep = ok.nonzero().squeeze(1)
+                    x_t, x_c = x_t[keep], x_c[keep]
+                x_t = x_t.to(device, non_blocking=True)  # no-op for the device decode path
+                x_c = x_c.to(device, non_blocking=True)
                 if device.type == "cuda":
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 acts, emb = forward(x_t, x_c)
@@ -419,6 +434,10 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 ok_chunks.append(ids[ok])
             progress.advance("images", len(ids))
     progress.finish("images")
+    if decode_plan is not None:
+        msg = f"decode: {decode_plan.label}; {decode_stats.summary()}"
+        progress.note(msg)
+        notes.append(msg)
 
     ok_ids = torch.cat(ok_chunks).numpy() if ok_chunks else np.empty(0, dtype=np.int64)
     n_failed = n - len(ok_ids)
@@ -471,7 +490,10 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                 precision=precision,
                 batch_size=batch_size,
-                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+                settings={
+                    **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+                    "decode_used": decode_used,
+                },
             )
             writer.write_layers(
                 [

@@ -71,6 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=int, help="image decoding processes (default min(8, cores) on CUDA, 0 on CPU)"
     )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=("auto", "cpu", "gpu"),
+        help="where JPEGs are decoded and preprocessed: gpu = nvJPEG + tensor ops on CUDA (workers only "
+        "read files; other formats and custom preprocessing fall back to PIL), cpu = PIL in the workers; "
+        "auto: gpu on CUDA when the preprocessing is standard, else cpu",
+    )
     p.set_defaults(func=run)
 
 
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         workers=args.workers,
+        decode=args.decode,
     )
     with RichProgress(quiet=args.quiet) as progress:
         result = run_index(settings, progress)
