@@ -32,9 +32,40 @@ class NeuronTable:
         return len(self.unit)
 
 
-def load_neuron_table(reader: CacheReader, run_id: int, n_top: int = TOP_CONCEPTS_FOR_SEARCH) -> NeuronTable:
+def load_neuron_table(
+    reader: CacheReader, run_id: int, n_top: int | None = TOP_CONCEPTS_FOR_SEARCH
+) -> NeuronTable:
+    """The run's neurons; ``n_top=None`` leaves top_concepts empty (fill with ``load_top_concepts``)."""
     layers = [info.layer for info in reader.layers()]
-    rows = reader.con.execute(
+    tbl = reader.con.sql(
+        "SELECT n.layer, n.unit, n.label, n.similarity, n.concept_id "
+        "FROM neurons n JOIN layers l USING (layer) WHERE n.run_id = ? ORDER BY l.position, n.unit",
+        params=[run_id],
+    ).to_arrow_table()
+    where = {name: i for i, name in enumerate(layers)}
+    layer_col = tbl.column("layer").to_pylist()
+    table = NeuronTable(
+        layers=layers,
+        layer_idx=np.fromiter((where[s] for s in layer_col), dtype=np.int32, count=len(layer_col)),
+        unit=tbl.column("unit").to_numpy().astype(np.int64),
+        label=tbl.column("label").to_pylist(),
+        similarity=tbl.column("similarity").to_numpy().astype(np.float64),
+        concept_id=tbl.column("concept_id").to_numpy().astype(np.int64),
+        top_concepts=[""] * tbl.num_rows,
+    )
+    if n_top:
+        table.top_concepts = load_top_concepts(reader, run_id, table, n_top)
+    return table
+
+
+def load_top_concepts(
+    reader: CacheReader, run_id: int, table: NeuronTable, n_top: int = TOP_CONCEPTS_FOR_SEARCH
+) -> list[str]:
+    """ "c1 · c2 · …" (best first) per neuron, in the order of ``load_neuron_table``.
+
+    About a second for 100k neurons, so the browser paints first and loads these after.
+    """
+    rows = reader.con.sql(
         """
         WITH tc AS (
             SELECT nc.layer, nc.unit, string_agg(c.text, ' · ' ORDER BY nc.rank) AS tops
@@ -42,25 +73,17 @@ def load_neuron_table(reader: CacheReader, run_id: int, n_top: int = TOP_CONCEPT
             WHERE nc.run_id = ? AND nc.rank <= ?
             GROUP BY nc.layer, nc.unit
         )
-        SELECT l.position, n.layer, n.unit, n.label, n.similarity, n.concept_id, coalesce(tc.tops, '') AS tops
+        SELECT coalesce(tc.tops, '') AS tops
         FROM neurons n JOIN layers l USING (layer) LEFT JOIN tc USING (layer, unit)
         WHERE n.run_id = ?
         ORDER BY l.position, n.unit
         """,
-        [run_id, n_top, run_id],
-    ).fetchnumpy()
-    where = {name: i for i, name in enumerate(layers)}
-    layer_col = rows["layer"]
-    layer_idx = np.fromiter((where[s] for s in layer_col), dtype=np.int32, count=len(layer_col))
-    return NeuronTable(
-        layers=layers,
-        layer_idx=layer_idx,
-        unit=np.asarray(rows["unit"], dtype=np.int64),
-        label=[str(s) for s in rows["label"]],
-        similarity=np.asarray(rows["similarity"], dtype=np.float64),
-        concept_id=np.asarray(rows["concept_id"], dtype=np.int64),
-        top_concepts=[str(s) for s in rows["tops"]],
-    )
+        params=[run_id, n_top, run_id],
+    ).to_arrow_table()
+    tops = rows.column("tops").to_pylist()
+    if len(tops) != len(table):
+        raise ValueError("neuron table changed while loading")
+    return tops
 
 
 @dataclass

@@ -16,7 +16,7 @@ from textual.worker import get_current_worker
 
 from dissect_tui.errors import UserError
 from dissect_tui.store.browse import NeuronTable as NeuronColumns
-from dissect_tui.store.browse import load_neuron_table
+from dissect_tui.store.browse import load_neuron_table, load_top_concepts
 from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
 
@@ -78,15 +78,24 @@ class MainScreen(Screen):
         cur = app.cursor()
         try:
             run = cur.run(app.requested_run)
-            table = load_neuron_table(cur, run["run_id"])
+            table = load_neuron_table(cur, run["run_id"], n_top=None)
+            sidecar = app.open_sidecar(run)
+            pins = sidecar.pins() if sidecar else []
+            app.call_from_thread(self._loaded, run, table, pins)
+            # Paint first; the top concepts (for the text filter) follow, ~1 s per 100k neurons.
+            tops = load_top_concepts(cur, run["run_id"], table)
+            app.call_from_thread(self._tops_loaded, tops)
         except UserError as exc:
             app.call_from_thread(app.exit, return_code=2, message=f"error: {exc}")
-            return
         finally:
             cur.close()
-        sidecar = app.open_sidecar(run)
-        pins = sidecar.pins() if sidecar else []
-        app.call_from_thread(self._loaded, run, table, pins)
+
+    def _tops_loaded(self, tops: list[str]) -> None:
+        assert self.model is not None
+        self.model.set_top_concepts(tops)
+        self.refresh_view()
+        row = self.query_one("#table", NeuronTable).current_row()
+        self._preview(NeuronTable.Highlighted(row))
 
     def _loaded(self, run: dict, table: NeuronColumns, pins: list[tuple[str, int]]) -> None:
         self.app.run_info = run

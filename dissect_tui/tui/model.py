@@ -38,25 +38,32 @@ class NeuronModel:
         self.table = table
         n = len(table)
         self.n = n
-        # Lower-cased haystack: label and top concepts, searched with `in` per keystroke.
-        self._hay = [f"{a}\t{b}".casefold() for a, b in zip(table.label, table.top_concepts, strict=True)]
+        self._hay: list[str] = []
+        self.set_top_concepts(table.top_concepts)
         # Stable orders per sort key, computed once; a filter then only masks them.
         pos = np.arange(n)
         self._orders: dict[str, np.ndarray] = {
             "layer": pos,
             "unit": np.lexsort((table.layer_idx, table.unit)),
-            "label": np.argsort(np.array(table.label, dtype=object), kind="stable") if n else pos,
             "score": np.argsort(-table.similarity, kind="stable"),
         }
         self.query: QueryScores | None = None
         self.pinned = np.zeros(n, dtype=bool)
-        self._index = {
-            (table.layers[li], int(u)): i
-            for i, (li, u) in enumerate(zip(table.layer_idx, table.unit, strict=True))
-        }
+        self._index: dict[tuple[str, int], int] | None = None  # built on first lookup
+
+    def set_top_concepts(self, tops: list[str]) -> None:
+        """Lower-cased haystack: label and top concepts, searched with `in` per keystroke."""
+        self.table.top_concepts = tops
+        self._hay = [f"{a}\t{b}".casefold() for a, b in zip(self.table.label, tops, strict=True)]
 
     # -- lookups -----------------------------------------------------------------------
     def row_of(self, layer: str, unit: int) -> int | None:
+        if self._index is None:
+            t = self.table
+            self._index = {
+                (t.layers[li], u): i
+                for i, (li, u) in enumerate(zip(t.layer_idx.tolist(), t.unit.tolist(), strict=True))
+            }
         return self._index.get((layer, unit))
 
     def key(self, row: int) -> tuple[str, int]:
@@ -92,6 +99,8 @@ class NeuronModel:
 
     def view(self, f: Filters, sort: str = "layer", reverse: bool = False) -> np.ndarray:
         """Row indices of the filtered neurons in display order."""
+        if sort == "label" and "label" not in self._orders:  # sorting 100k strings: only when asked
+            self._orders["label"] = np.argsort(np.array(self.table.label, dtype=object), kind="stable")
         order = self._orders.get(sort, self._orders["layer"])
         if reverse:
             order = order[::-1]
