@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -65,7 +66,7 @@ class SqlScreen(Screen):
         self.app.call_from_thread(self._show, cols, rows, time.perf_counter() - t0)
 
     def _show_error(self, message: str) -> None:
-        self.query_one("#sql-status", Static).update(f"[red]{message}[/red]")
+        self.query_one("#sql-status", Static).update(Text(message, style="red"))  # no markup: [ ] in SQL
 
     def _show(self, cols: list[str], rows: list[tuple], seconds: float) -> None:
         table = self.query_one("#sql-result", DataTable)
