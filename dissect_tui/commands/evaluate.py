@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         f"concepts {ctx.run.get('concept_set')} ({ctx.run.get('n_concepts') or '?'}) · {what}"
     )
     table = Table(title=escape(title), title_justify="left")
-    table.add_column("similarity")
+    table.add_column("similarity", no_wrap=True, min_width=12)
     for _, head in COLUMNS:
         table.add_column(head, justify="right")
     for method, m in results.items():
