@@ -23,6 +23,7 @@ compare that path against the PIL path; ``--decode gpu`` itself requires CUDA.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections import Counter
@@ -81,10 +82,19 @@ class TensorPreprocess:
             x = F.center_crop(x, list(self.crop))
         x = x.float().div_(255.0)
         if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+            mean, std = _constants(self.mean, self.std, x.device)
             x = x.sub_(mean).div_(std)
         return x
+
+
+@functools.cache
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as [1,3,1,1] on device, made once: a per-batch torch.tensor(..., device=cuda)
+    would be a blocking host-to-device copy, i.e. a host sync per batch."""
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+    )
 
 
 def _interp_name(mode: Any) -> str | None:
