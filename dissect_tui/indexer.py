@@ -295,28 +295,9 @@ def _reuse_concept_embeddings(path: Path, clip_key: str, texts: list[str]) -> di
         return {}
     try:
         with open_cache(path) as old:
-            return _stored_concept_embeddings(old, clip_key, texts)
+            return old.embeddings_by_text(clip_key, texts)
     except CacheError:
         return {}
-
-
-def _stored_concept_embeddings(reader: CacheReader, clip_key: str, texts: list[str]) -> dict[str, np.ndarray]:
-    cols, rows = reader.query("SELECT concept_id, text FROM concepts")
-    by_text = {text: cid for cid, text in rows}
-    wanted = [t for t in texts if t in by_text]
-    if not wanted:
-        return {}
-    try:
-        emb = reader.concept_embeddings(clip_key, np.array([by_text[t] for t in wanted]))
-    except CacheError:
-        # some are missing: take the ones that exist
-        _, present = reader.query("SELECT concept_id FROM concept_embeddings WHERE clip_key = ?", [clip_key])
-        have = {r[0] for r in present}
-        wanted = [t for t in wanted if by_text[t] in have]
-        if not wanted:
-            return {}
-        emb = reader.concept_embeddings(clip_key, np.array([by_text[t] for t in wanted]))
-    return dict(zip(wanted, emb, strict=True))
 
 
 # -- index ------------------------------------------------------------------------------
@@ -641,7 +622,7 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
                 ) from None
 
         with _stage(times, "concepts"):
-            cached = _stored_concept_embeddings(reader, clip_key, texts)
+            cached = reader.embeddings_by_text(clip_key, texts)
             concept_emb_np, n_encoded = encode_concepts(
                 texts, clip_key, cached, load_text_tower, template, progress
             )

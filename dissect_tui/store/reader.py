@@ -246,6 +246,19 @@ class CacheReader:
             raise CacheError(f"concept {exc.args[0]} has no stored embedding for {clip_key}") from None
         return emb[order]
 
+    def embeddings_by_text(self, clip_key: str, texts: list[str]) -> dict[str, np.ndarray]:
+        """Stored embeddings of whichever of these texts this text tower has already encoded."""
+        tbl = self._arrow(
+            "SELECT c.text, e.emb FROM concepts c JOIN concept_embeddings e USING (concept_id) WHERE e.clip_key = ?",
+            [clip_key],
+        )
+        if tbl.num_rows == 0:
+            return {}
+        flat = tbl.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        emb = np.array(flat, dtype=np.float32).reshape(tbl.num_rows, -1)
+        row_of = {text: i for i, text in enumerate(tbl.column("text").to_pylist())}
+        return {t: emb[row_of[t]] for t in texts if t in row_of}
+
     def image_softmax(self, run_id: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self.con.execute(
             "SELECT image_id, lse FROM image_softmax WHERE run_id = ? ORDER BY image_id", [run_id]
