@@ -38,11 +38,11 @@ from dissect_tui.errors import UserError
 from dissect_tui.probe import (
     MAX_PIXELS,
     Batch,
+    ProbeDataset,
     ProbeSet,
-    _output_shape,
-    _ProbeDataset,
-    _to_rgb,
     make_thumbnail,
+    to_rgb,
+    transform_output_shape,
 )
 
 DECODE_MODES = ("auto", "cpu", "gpu")
@@ -376,12 +376,10 @@ class _BytesDataset(torch.utils.data.Dataset):
     ) -> None:
         self.probe = probe
         self.n_transforms = len(transforms)
-        self.full = _ProbeDataset(probe, transforms, shapes, thumb_px)
+        self.full = ProbeDataset(probe, transforms, shapes, thumb_px)
         self.unmapped = [i for i, s in enumerate(specs) if s is None]
         self.partial = (
-            _ProbeDataset(
-                probe, [transforms[i] for i in self.unmapped], [shapes[i] for i in self.unmapped], 0
-            )
+            ProbeDataset(probe, [transforms[i] for i in self.unmapped], [shapes[i] for i in self.unmapped], 0)
             if self.unmapped
             else None
         )
@@ -398,7 +396,7 @@ class _BytesDataset(torch.utils.data.Dataset):
         return (index, _PIL if ok else _FAILED, None, cpu, thumb, size, reason, tag if ok else "failed")
 
     def __getitem__(self, index: int) -> tuple:
-        seg, _ = self.probe._segment(index)  # noqa: SLF001 - file items only; CIFAR/synthetic are PIL
+        seg, _ = self.probe.segment(index)  # file items only; CIFAR/synthetic are PIL
         if seg.kind != "file":
             return self.pil_row(index, f"{seg.kind} images")
         path = self.probe[index].path
@@ -425,7 +423,7 @@ class _BytesDataset(torch.utils.data.Dataset):
                     # a reduced-scale (DCT) decode: cheap, and it validates the file like the PIL path
                     im.draft(im.mode, (2 * self.thumb_px, 2 * self.thumb_px))
                     im.load()
-                    thumb = make_thumbnail(_to_rgb(im), self.thumb_px)
+                    thumb = make_thumbnail(to_rgb(im), self.thumb_px)
         except Exception:
             return self.pil_row(index, "PIL check failed")  # the PIL path decides and words it
         cpu: list[torch.Tensor | None] = [None] * self.n_transforms
@@ -586,7 +584,7 @@ def iter_device_batches(
     if workers < 0:
         raise UserError("workers must be 0 or more")
     stats = stats if stats is not None else DecodeStats()
-    shapes = [_output_shape(t, i) for i, t in enumerate(transforms)]
+    shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
     for t, spec in enumerate(plan.specs):
         if spec is not None and spec.crop is not None and (3, *spec.crop) != shapes[t]:
             raise UserError(

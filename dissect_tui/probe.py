@@ -130,7 +130,7 @@ class ProbeSet(Sequence[ProbeItem]):
     def __getitem__(self, index: int | slice) -> ProbeItem | list[ProbeItem]:
         return self.items[index]
 
-    def _segment(self, index: int) -> tuple[_Segment, int]:
+    def segment(self, index: int) -> tuple[_Segment, int]:
         seg = self._segments[bisect.bisect_right(self._starts, index) - 1]
         return seg, index - seg.start
 
@@ -141,7 +141,7 @@ class ProbeSet(Sequence[ProbeItem]):
     def open_with_size(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
         """(RGB image, original (width, height)); reduced-scale decodes report the file's size."""
         item = self.items[index]
-        seg, offset = self._segment(index)
+        seg, offset = self.segment(index)
         if seg.kind == "synthetic":
             img = synthetic_image(seg.keys[offset])
             return img, img.size
@@ -183,7 +183,7 @@ def decode_file(
                     f"({width * height / 1e6:.0f} MP > {max_pixels / 1e6:.0f} MP)"
                 )
             im.load()
-            rgb = _to_rgb(im)
+            rgb = to_rgb(im)
     except BadImage:
         raise
     except Image.UnidentifiedImageError:
@@ -233,7 +233,7 @@ def _scale_to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     im = _exif_transpose(im)
     mode = im.mode
     if mode == "RGB":
@@ -500,7 +500,9 @@ class Batch:
         )
 
 
-def _output_shape(transform: Callable[[Image.Image], torch.Tensor], position: int) -> tuple[int, ...]:
+def transform_output_shape(
+    transform: Callable[[Image.Image], torch.Tensor], position: int
+) -> tuple[int, ...]:
     """The fixed output shape of a transform, probed on two dummy images of different aspect."""
     shapes = []
     for size in ((320, 240), (240, 320)):
@@ -519,7 +521,7 @@ def _output_shape(transform: Callable[[Image.Image], torch.Tensor], position: in
     return shapes[0]
 
 
-class _ProbeDataset(torch.utils.data.Dataset):
+class ProbeDataset(torch.utils.data.Dataset):
     """Decode each image once; run every transform on that decode; make the thumbnail."""
 
     def __init__(
@@ -574,8 +576,8 @@ def iter_batches(
         raise UserError("batch size must be at least 1")
     if workers < 0:
         raise UserError("workers must be 0 or more")
-    shapes = [_output_shape(t, i) for i, t in enumerate(transforms)]
-    dataset = _ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
+    dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
