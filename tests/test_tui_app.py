@@ -277,6 +277,11 @@ async def test_next_follows_the_filtered_view(cache):
         await pilot.press("right")
         await settle(app, pilot)
         assert app.screen.key == view[1]
+        # Esc comes back with the table cursor on the neuron n/→ led to, not where Enter was.
+        await pilot.press("escape")
+        await pilot.pause()
+        table = main_screen(app).query_one(NeuronTable)
+        assert main_screen(app).model.key(table.current_row()) == view[1]
 
 
 async def test_missing_thumbnail_shows_placeholder(tmp_path):
@@ -473,6 +478,103 @@ def test_cache_locked_by_a_writer(cache, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+async def test_sql_long_query_is_cancellable(cache):
+    """Esc stops a running query (DuckDB interrupt) instead of leaving it to block the app's exit."""
+    import anyio
+
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("colon")
+        scr = app.screen
+        box = scr.query_one("#sql-input")
+        box.value = ""
+        await pilot.press("enter")
+        assert "type a query" in str(scr.query_one("#sql-status").render())
+        box.value = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"  # minutes
+        await pilot.press("enter")
+        for _ in range(200):
+            if scr._query_cursor is not None:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause(0.3)
+        await pilot.press("escape")
+        with anyio.fail_after(30):
+            await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.screen is scr and "cancelled" in str(scr.query_one("#sql-status").render())
+        box.value = "SELECT NULL AS x"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert [str(c) for c in scr.query_one("#sql-result").get_row_at(0)] == ["NULL"]
+        assert str(scr.query_one("#sql-status").render()).startswith("1 row ")
+
+
+async def test_export_checks_folder_and_asks_before_overwriting(cache, tmp_path):
+    pytest.importorskip("dissect_tui.store.export")
+    from dissect_tui.tui.dialogs import ExportDialog
+
+    out = tmp_path / "view.csv"
+    out.write_text("old\n")
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("e")
+        dialog = app.screen
+        dialog.query_one("#path").value = str(tmp_path / "missing" / "x.csv")
+        await pilot.press("enter")
+        assert app.screen is dialog and "does not exist" in str(dialog.query_one("#error").render())
+        dialog.query_one("#path").value = str(out)
+        await pilot.press("enter")
+        assert app.screen is dialog and "Enter again to overwrite" in str(dialog.query_one("#error").render())
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ExportDialog)
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:2] == ["layer", "unit"] and len(rows) == 1 + 46
+
+
+async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypatch):
+    """At 80x24 a two-concept ranking must not push A and B off screen, nor the status past the edge."""
+
+    class Fake:
+        def query_scores(self, texts, table):
+            rng = np.random.default_rng(0)
+            return rng.uniform(-1, 1, size=(len(table), len(texts)))
+
+    app = make_app(cache)
+    monkeypatch.setattr(app, "explainer", lambda: Fake())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        scr = main_screen(app)
+        scr.start_query(["red car", "red", "car"], "red car", ["red", "car"])
+        await settle(app, pilot)
+        q = scr.model.query
+        table = scr.query_one(NeuronTable)
+        width = table.scrollable_content_region.width
+        header = table._header(width).plain
+        assert len(header) <= width and "red ca▼" in header
+        row = table.current_row()
+        line = table._row_text(row, width).plain
+        assert len(line) <= width and f"{q.scores[row]:.3f}" in line
+        # Columns the table has no room for are left out whole, header and rows alike ...
+        n = table.query_columns(width)
+        tail = line.split()[-(n + 1) :]
+        assert tail[0] in ("✓", "·") and len(header.split("✓", 1)[1]) == 8 * n
+        # ... and the preview line carries all three scores.
+        preview = str(scr.query_one("#preview").render())
+        for name, col in [("red car", q.scores), *q.extra.items()]:
+            assert f"{name} {col[row]:.3f}" in preview
+        scr.filters.pinned_only = True
+        scr.set_cutoff(1e300)
+        await pilot.pause()
+        status = scr.query_one("#status")
+        text = str(status.render())
+        assert "τ=1e+300" in text and "pinned only" in text and "ranked by" in text
+        assert status.size.height >= 2  # wrapped, not cut at the edge
 
 
 async def test_two_browsers_share_a_cache(cache):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 
+from dissect_tui.errors import CacheError
 from dissect_tui.store.reader import CacheReader
 
 TOP_CONCEPTS_FOR_SEARCH = 5
@@ -220,3 +222,30 @@ def correlated_units(
     r[unit] = -np.inf
     best = np.argsort(-r, kind="stable")[:limit]
     return [(int(u), float(r[u])) for u in best if np.isfinite(r[u])], tbl.num_rows
+
+
+def run_user_query(reader: CacheReader, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
+    """A user's read-only query on ``reader``'s own cursor, so ``interrupt(reader)`` can stop it.
+
+    Returns (column names, at most ``limit`` rows); errors become one-line CacheErrors.
+    """
+    con = reader.con
+    try:
+        con.execute(sql)
+        if con.description is None:
+            return [], []
+        cols = [d[0] for d in con.description]
+        rows = con.fetchmany(limit)
+    except duckdb.InterruptException:
+        raise CacheError("query cancelled") from None
+    except duckdb.Error as exc:
+        raise CacheError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    return cols, rows
+
+
+def interrupt(reader: CacheReader) -> None:
+    """Stop the query running on ``reader``'s cursor (from any thread); a no-op when idle or closed."""
+    try:
+        reader.con.interrupt()
+    except duckdb.Error:
+        pass

@@ -44,6 +44,7 @@ class DetailScreen(Screen):
     def __init__(self, main: MainScreen, index: int, rows: np.ndarray | None = None) -> None:
         super().__init__()
         self.main = main
+        self.follows_view = rows is None  # stepping through the main view, not a related neuron
         self.rows = main.view_rows.copy() if rows is None else rows
         self.index = index
         self.detail: NeuronDetail | None = None
@@ -181,6 +182,8 @@ class DetailScreen(Screen):
 
     # -- actions ---------------------------------------------------------------------------
     def action_back(self) -> None:
+        if self.follows_view:  # back in the table on the neuron n/p led to, not where Enter was
+            self.main.follow(self.row)
         self.app.pop_screen()
 
     def action_step(self, delta: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -55,10 +56,11 @@ class ExportDialog(_Dialog):
         super().__init__()
         self.default = default
         self.n = n
+        self._confirmed: str | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(f"[b]Export {self.n:,} neurons[/b]")
+            yield Static(f"[b]Export {self.n:,} neuron{'s' if self.n != 1 else ''}[/b]")
             yield Static("file name: .csv or .parquet (format from the suffix)", classes="hint")
             yield Input(value=self.default, id="path")
             yield Static("", classes="error", id="error")
@@ -69,10 +71,22 @@ class ExportDialog(_Dialog):
         if not path:
             self.query_one("#error", Static).update("enter a file name")
             return
-        if Path(path).suffix.lower() not in (".csv", ".parquet"):
-            self.query_one("#error", Static).update("the file name must end in .csv or .parquet")
+        error = self.query_one("#error", Static)
+        target = Path(path).expanduser()
+        if target.suffix.lower() not in (".csv", ".parquet"):
+            error.update("the file name must end in .csv or .parquet")
             return
-        self.dismiss(path)
+        if target.is_dir():
+            error.update(Text(f"{path} is a folder: add a file name"))
+            return
+        if not target.parent.is_dir():
+            error.update(Text(f"folder {target.parent} does not exist"))
+            return
+        if target.exists() and path != self._confirmed:
+            self._confirmed = path  # a second Enter on the same name overwrites
+            error.update(Text(f"{target.name} exists: Enter again to overwrite, or change the name"))
+            return
+        self.dismiss((path, target.exists()))
 
 
 class TwoConceptDialog(_Dialog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,6 +22,11 @@ from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
 
 CUTOFF_STEP = 0.01
+
+
+def fmt_cutoff(value: float) -> str:
+    """τ for the status line: 3 decimals, but never hundreds of digits for a typed 1e300."""
+    return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
 class MainScreen(Screen):
@@ -144,7 +150,7 @@ class MainScreen(Screen):
         f = self.filters
         good = int(self.model.interpretable(f.cutoff).sum())
         parts = [
-            f"τ={f.cutoff:.3f} ({good:,}/{self.model.n:,} {INTERPRETABLE})",
+            f"τ={fmt_cutoff(f.cutoff)} ({good:,}/{self.model.n:,} {INTERPRETABLE})",
             f"sort {self.sort}{'▲' if self.reverse else '▼'}",
             f"{len(self.view_rows):,} shown",
         ]
@@ -166,7 +172,13 @@ class MainScreen(Screen):
         if self.model is not None and event.row is not None:
             tops = self.model.table.top_concepts[event.row]
             text = f"top concepts: {tops}" if tops else ""
-        self.query_one("#preview", Static).update(text)
+            q = self.model.query
+            if q is not None:  # the query scores, also those the table has no room for at 80 columns
+                scores = [(q.title, q.scores)] + list(q.extra.items())
+                text = " · ".join(f"{name} {float(col[event.row]):.3f}" for name, col in scores) + (
+                    f" · {text}" if text else ""
+                )
+        self.query_one("#preview", Static).update(Text(text))  # no markup: [ ] in concept text
 
     # -- filter box --------------------------------------------------------------------
     @on(Input.Changed, "#filter")
@@ -302,6 +314,10 @@ class MainScreen(Screen):
         self.sort, self.reverse = "layer", False
         self.refresh_view()
 
+    def follow(self, row: int) -> None:
+        """Put the table cursor on ``row`` (the neuron the detail screen was left on)."""
+        self.query_one("#table", NeuronTable).move_to_row(row)
+
     def action_back(self) -> None:
         if self.model is not None and self.model.query is not None:
             self.model.set_query(None)
@@ -323,25 +339,25 @@ class MainScreen(Screen):
         stem = self.app.reader.path.stem if self.app.reader.path else "neurons"
         default = f"{stem}-{'pinned' if pinned else 'view'}.csv"
 
-        def done(path: str | None) -> None:
-            if path:
-                self.export(path, keys)
+        def done(choice: tuple[str, bool] | None) -> None:
+            if choice:
+                self.export(*choice, keys)
 
         self.app.push_screen(ExportDialog(default, len(keys)), done)
 
     @work(thread=True, group="export")
-    def export(self, path: str, keys: list[tuple[str, int]]) -> None:
+    def export(self, path: str, overwrite: bool, keys: list[tuple[str, int]]) -> None:
         from dissect_tui.store.export import export_neurons
 
         cur = self.app.cursor()
         try:
-            n = export_neurons(cur, self.app.run_info["run_id"], path, keys=keys)
+            n = export_neurons(cur, self.app.run_info["run_id"], path, keys=keys, overwrite=overwrite)
         except (UserError, OSError) as exc:
             self.app.call_from_thread(self.notify, f"export failed: {exc}", severity="error")
             return
         finally:
             cur.close()
-        self.app.call_from_thread(self.notify, f"wrote {n:,} neurons to {path}")
+        self.app.call_from_thread(self.notify, f"wrote {n:,} neuron{'s' if n != 1 else ''} to {path}")
 
     # -- concept queries (CLIP, in a worker) -------------------------------------------
     def action_two_concepts(self) -> None:

@@ -87,6 +87,7 @@ class NeuronTable(ScrollView, can_focus=True):
         self.cursor = int(hit[0])
         self._scroll_cursor_visible()
         self.refresh()
+        self.post_message(self.Highlighted(self.current_row()))
         return True
 
     # -- actions ---------------------------------------------------------------------
@@ -126,10 +127,22 @@ class NeuronTable(ScrollView, can_focus=True):
             self._set_cursor(index)
 
     # -- rendering -------------------------------------------------------------------
+    def query_columns(self, width: int) -> int:
+        """How many query score columns fit (the composed one first, then A and B alone)."""
+        if not (self.model and self.model.query):
+            return 0
+        layers = self.model.table.layers
+        lw = min(max((len(s) for s in layers), default=5), 16, max(5, width // 5))
+        n = 1 + len(self.model.query.extra)
+        # At 80 columns A and B alone do not fit beside a readable label: the preview line shows them.
+        while n > 1 and width - (2 + lw + 1 + 5 + 1 + 1 + 8 + 2 + 8 * n) < 8:
+            n -= 1
+        return n
+
     def _widths(self, width: int) -> tuple[int, int, int, int]:
         layers = self.model.table.layers if self.model else []
         lw = min(max((len(s) for s in layers), default=5), 16, max(5, width // 5))
-        qw = 8 * (1 + len(self.model.query.extra)) if self.model and self.model.query else 0
+        qw = 8 * self.query_columns(width)
         fixed = 2 + lw + 1 + 5 + 1 + 1 + 8 + 2 + qw
         return lw, 5, max(8, width - fixed), qw
 
@@ -163,7 +176,9 @@ class NeuronTable(ScrollView, can_focus=True):
         parts = f"  {h('layer', 'layer'):<{lw}} {h('unit', 'unit'):>{uw}} {h('label', 'label'):<{labw}} {h('score', 'score'):>8} {INTERPRETABLE}"
         if qw and self.model and self.model.query:
             q = self.model.query
-            parts += f" {h(q.title[:7], 'query'):>7}" + "".join(f" {k[:7]:>7}" for k in q.extra)
+            title = q.title[:6] + arrow if self.sort == "query" else q.title[:7]  # 7 cells, arrow included
+            extra = list(q.extra)[: qw // 8 - 1]
+            parts += f" {title:>7}" + "".join(f" {k[:7]:>7}" for k in extra)
         return Text(parts)
 
     def _row_text(self, row: int, width: int) -> Text:
@@ -184,6 +199,6 @@ class NeuronTable(ScrollView, can_focus=True):
         q = self.model.query
         if qw and q is not None:
             text.append(f" {float(q.scores[row]):>7.3f}")
-            for col in q.extra.values():
+            for col in list(q.extra.values())[: qw // 8 - 1]:
                 text.append(f" {float(col[row]):>7.3f}", style="dim")
         return text
