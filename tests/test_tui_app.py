@@ -128,6 +128,13 @@ async def test_odd_filter_text_is_harmless(cache):
             needle = text.strip().casefold()
             want = [scr.model.key(i) for i, h in enumerate(hay) if needle in h]
             assert shown(app) == want, text
+            if not want:  # an empty view says why, and Enter/m on it do nothing
+                table = scr.query_one(NeuronTable)
+                assert "no neuron matches" in table.render_line(2).text
+                table.focus()
+                await pilot.press("enter", "m")
+                assert app.screen is scr and not scr.model.pinned.any()
+                scr.query_one("#filter").focus()
         assert len(shown(app)) == 46  # blank text: no filter
     assert len(expected_neurons(cache)) == 46  # the cache is untouched
 
@@ -575,6 +582,60 @@ async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypat
         text = str(status.render())
         assert "τ=1e+300" in text and "pinned only" in text and "ranked by" in text
         assert status.size.height >= 2  # wrapped, not cut at the edge
+
+
+async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache, monkeypatch):
+    """Cancelling a wider composition leaves the previous result with a title that matches it."""
+    import time
+
+    from dissect_tui.explain import Cancelled
+    from dissect_tui.tui.compose import ComposeScreen
+
+    class Slow:
+        def compose(self, layer, unit, breadth, progress, cancelled):
+            if breadth == 10:
+                return (
+                    10,
+                    [(f"p{i} q{i}", 1.0 - i / 10) for i in range(10)],
+                    [(f"s{i}", 0.5) for i in range(10)],
+                )
+            while not cancelled():  # breadth 100: runs until Esc
+                time.sleep(0.01)
+            raise Cancelled
+
+    app = make_app(cache)
+    monkeypatch.setattr(app, "explainer", lambda: Slow())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        comp = app.screen
+        assert isinstance(comp, ComposeScreen) and comp.result[0] == 10
+        assert comp.query_one("#c-box").max_scroll_y > 0  # both top-10 lists reachable at 80x24
+        await pilot.press("3")
+        await pilot.pause(0.1)
+        assert "top 100" in str(comp.query_one("#c-title").render())
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app.screen is comp
+        title = str(comp.query_one("#c-title").render())
+        assert "top 10 " in title and "90 pairs" in title
+        assert "cancelled" in str(comp.query_one("#c-status").render())
+        await pilot.press("escape")
+        assert isinstance(app.screen, DetailScreen)
+
+
+def test_label_sort_ignores_case():
+    from dissect_tui.store.browse import NeuronTable as Columns
+    from dissect_tui.tui.model import Filters, NeuronModel
+
+    labels = ["Mrs", "ball", "Zebra", "apple"]
+    n = len(labels)
+    table = Columns(["l"], np.zeros(n, np.int32), np.arange(n), labels, np.zeros(n), np.arange(n), [""] * n)
+    model = NeuronModel(table)
+    assert [labels[i] for i in model.view(Filters(), "label")] == ["apple", "ball", "Mrs", "Zebra"]
 
 
 async def test_two_browsers_share_a_cache(cache):

@@ -6,7 +6,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import ItemGrid, Vertical
+from textual.containers import ItemGrid, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
@@ -29,7 +29,7 @@ class ComposeScreen(ModalScreen):
     ]
     DEFAULT_CSS = """
     ComposeScreen { align: center middle; }
-    ComposeScreen > Vertical { width: 100; max-width: 100%; height: auto; max-height: 100%; border: round $accent; background: $surface; padding: 0 1; }
+    ComposeScreen > VerticalScroll { width: 100; max-width: 100%; height: auto; max-height: 100%; border: round $accent; background: $surface; padding: 0 1; }
     ComposeScreen ProgressBar { margin: 1 0 0 0; }
     ComposeScreen #c-results { height: auto; }
     """
@@ -43,7 +43,7 @@ class ComposeScreen(ModalScreen):
         self._worker: Worker | None = None
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with VerticalScroll(id="c-box"):  # at 80x24 the two top-10 lists need scrolling
             yield Static(self._title(), id="c-title")
             yield Static("", id="c-status")
             yield ProgressBar(id="c-progress", show_eta=False)
@@ -61,6 +61,7 @@ class ComposeScreen(ModalScreen):
         )
 
     def on_mount(self) -> None:
+        self.query_one("#c-box").focus()
         stored = self.app.sidecar.composition(*self.key) if self.app.sidecar is not None else None
         if stored is not None:
             self.breadth = stored[0]
@@ -83,8 +84,14 @@ class ComposeScreen(ModalScreen):
     def action_close(self) -> None:
         if self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
             self._worker.cancel()
-            self.query_one("#c-status", Static).update("cancelled")
             self._worker = None
+            if self.result is not None:  # the title must describe the result still shown
+                self.breadth = self.result[0]
+                self.query_one("#c-title", Static).update(self._title())
+                self.query_one("#c-progress", ProgressBar).update(total=1, progress=1)
+            self.query_one("#c-status", Static).update(
+                "cancelled" + (f"; showing the top {self.result[0]} result" if self.result else "")
+            )
             return
         self.dismiss(self.result)
 

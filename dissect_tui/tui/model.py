@@ -100,7 +100,9 @@ class NeuronModel:
     def view(self, f: Filters, sort: str = "layer", reverse: bool = False) -> np.ndarray:
         """Row indices of the filtered neurons in display order."""
         if sort == "label" and "label" not in self._orders:  # sorting 100k strings: only when asked
-            self._orders["label"] = np.argsort(np.array(self.table.label, dtype=object), kind="stable")
+            # Case-insensitive, as a reader expects: "ball" before "Mrs".
+            keys = np.array([s.casefold() for s in self.table.label], dtype=object)
+            self._orders["label"] = np.argsort(keys, kind="stable")
         order = self._orders.get(sort, self._orders["layer"])
         if reverse:
             order = order[::-1]

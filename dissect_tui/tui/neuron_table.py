@@ -151,6 +151,10 @@ class NeuronTable(ScrollView, can_focus=True):
         if y == 0:
             return self._strip(self._header(width), width, "neuron-table--header")
         index = int(self.scroll_offset.y) + y - 1
+        if self.model is not None and not len(self.rows) and y == 2:
+            return self._strip(
+                Text("  no neuron matches the filters (x clears them)", style="dim"), width, None
+            )
         if self.model is None or index >= len(self.rows):
             return Strip.blank(width, self.rich_style)
         text = self._row_text(int(self.rows[index]), width)
