@@ -150,6 +150,10 @@ async def test_layer_filter_one_and_several(cache):
         await pilot.pause()
         assert shown(app) == expected_neurons(cache, "n.layer IN ('conv1', 'layer4')")
         assert "layers conv1,layer4" in str(app.screen.query_one("#status").render())
+        # Selection is marked by a symbol, not only by the checkbox colour.
+        sel = app.screen.query_one("#layers")
+        marks = [str(sel.get_option_at_index(i).prompt)[0] for i in range(sel.option_count)]
+        assert marks == ["●", " ", "●", " "]
         await pilot.press("tab", "a")
         await pilot.pause()
         assert len(shown(app)) == 46

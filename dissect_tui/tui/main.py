@@ -59,6 +59,7 @@ class MainScreen(Screen):
         self.mode = "text"  # what the filter box does: 'text' filters, 'concept' ranks with CLIP
         self.view_rows = np.zeros(0, dtype=np.int64)
         self.last_update_ms = 0.0
+        self._layer_rows: list[tuple[str, int, int]] = []  # (layer, neurons, interpretable)
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="title")
@@ -128,12 +129,18 @@ class MainScreen(Screen):
         highlighted = sel.highlighted
         sel.clear_options()
         options = []
-        for i, (name, n, good) in enumerate(self.model.layer_counts(self.filters.cutoff)):
-            pct = 100.0 * good / n if n else 0.0
-            options.append(Selection(f"{name[:9]:<9} {n:>5} {pct:>3.0f}%", i, i in chosen))
+        self._layer_rows = self.model.layer_counts(self.filters.cutoff)
+        for i in range(len(self._layer_rows)):
+            options.append(Selection(self._layer_prompt(i, i in chosen), i, i in chosen))
         sel.add_options(options)
         if highlighted is not None and highlighted < len(options):
             sel.highlighted = highlighted
+
+    def _layer_prompt(self, i: int, chosen: bool) -> str:
+        # The checkbox shows selection by colour only: "●" says it in a monochrome terminal too.
+        name, n, good = self._layer_rows[i]
+        pct = 100.0 * good / n if n else 0.0
+        return f"{'●' if chosen else ' '}{name[:8]:<8} {n:>5} {pct:>3.0f}%"
 
     def refresh_view(self) -> None:
         if self.model is None:
@@ -282,6 +289,9 @@ class MainScreen(Screen):
     @on(SelectionList.SelectedChanged, "#layers")
     def _layers_changed(self, event: SelectionList.SelectedChanged) -> None:
         self.filters.layers = frozenset(event.selection_list.selected)
+        sel = event.selection_list
+        for i in range(min(sel.option_count, len(self._layer_rows))):
+            sel.replace_option_prompt_at_index(i, self._layer_prompt(i, i in self.filters.layers))
         self.refresh_view()
 
     def action_pin(self) -> None:
