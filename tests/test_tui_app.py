@@ -323,6 +323,9 @@ async def test_help_screen_lists_keys(cache):
         rendered = "".join(seg.text for seg in app.console.render(help_table()))
         for needle in ("Two concepts", "Concept query", "Set τ", "Export", "Next", "Previous", "SQL", "Quit"):
             assert needle in rendered
+        # Keys read as on the keyboard, not as Textual's internal names.
+        assert "Esc" in rendered and "Ctrl+L" in rendered and "PgDn" in rendered
+        assert not any(name in rendered for name in ("escape", "pagedown", "ctrl+"))
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
 

@@ -18,15 +18,27 @@ NAV = [
 ]
 
 
+# Textual's key names as a user reads them on the keyboard.
+KEY_NAMES = {
+    "slash": "/", "plus": "+", "equals_sign": "=", "minus": "-", "question_mark": "?", "colon": ":",
+    "escape": "Esc", "enter": "Enter", "backspace": "Backspace", "space": "Space", "up": "↑", "down": "↓",
+    "left": "←", "right": "→", "pageup": "PgUp", "pagedown": "PgDn", "home": "Home", "end": "End",
+}  # fmt: skip
+
+
+def key_name(key: str) -> str:
+    key = key.strip()
+    if key.startswith("ctrl+"):
+        return "Ctrl+" + KEY_NAMES.get(key[5:], key[5:].upper())
+    return KEY_NAMES.get(key, key)
+
+
 def _rows(bindings) -> list[tuple[str, str]]:
     out = []
     for b in bindings:
         if not isinstance(b, Binding) or not b.description:
             continue
-        keys = b.key_display or " / ".join(k.strip() for k in b.key.split(","))
-        keys = (
-            keys.replace("slash", "/").replace("plus", "+").replace("equals_sign", "=").replace("minus", "-")
-        )
+        keys = b.key_display or " / ".join(key_name(k) for k in b.key.split(","))
         out.append((keys, b.description))
     return out
 

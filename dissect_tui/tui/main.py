@@ -47,7 +47,7 @@ class MainScreen(Screen):
         Binding("e", "export(False)", "Export"),
         Binding("E", "export(True)", "Export pinned", show=False),
         Binding("x", "clear", "Clear filters", show=False),
-        Binding("escape", "back", "Back", show=False),
+        Binding("escape", "back", "Drop the CLIP ranking", show=False),
     ]
 
     def __init__(self) -> None:
