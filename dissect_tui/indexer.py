@@ -31,6 +31,7 @@ from dissect_tui.errors import CacheError, UserError
 from dissect_tui.similarity import SIMILARITIES
 from dissect_tui.store import CacheWriter, cache_name, open_cache
 from dissect_tui.store.reader import CacheReader
+from dissect_tui.store.writer import check_target
 
 DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_PROBE = "cifar100"
@@ -219,8 +220,55 @@ def _hyperparameters(similarity: str, overrides: dict[str, Any]) -> dict[str, An
             f"unknown hyperparameter(s) {', '.join(sorted(unknown))} for {similarity}: "
             f"valid ones are {', '.join(sorted(params)) or 'none'}"
         )
+    for key, value in overrides.items():
+        _check_hyperparameter(similarity, key, value, params[key])
     params.update(overrides)
     return {k: v for k, v in params.items() if not callable(v)}
+
+
+# Hyperparameters with a lower bound (inclusive) and, for fractions, an upper one.
+_HP_MIN = {"top_k": 1, "n_perm": 1, "min_prob": 0.0, "p": 0.0, "scale_p": 0.0}
+_HP_FRACTION = ("p_start", "p_end", "top_fraction")
+
+
+def _check_hyperparameter(similarity: str, key: str, value: Any, default: Any) -> None:
+    """A value that would crash scoring, or silently give NaN scores, fails as one clear line."""
+    where = f"--hp {key}={value} for {similarity}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{where}: the value must be a number")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: the value must be a finite number")
+    if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+        raise UserError(f"{where}: the value must be a whole number")
+    if key in _HP_MIN and value < _HP_MIN[key]:
+        raise UserError(f"{where}: the value must be at least {_HP_MIN[key]}")
+    if key in _HP_FRACTION and not 0 < value <= 1:
+        raise UserError(f"{where}: the value must be a fraction in (0, 1]")
+
+
+def check_cutoff(cutoff: float) -> None:
+    if not math.isfinite(cutoff):
+        raise UserError(f"--cutoff must be a finite number, got {cutoff}")
+
+
+def check_top_n(option: str, n: int) -> None:
+    if n < 1:
+        raise UserError(f"{option} must be at least 1, got {n}")
+
+
+def check_template(template: str | None) -> None:
+    """A prompt template must hold exactly one ``{}`` where the concept goes."""
+    if not template:
+        return
+    try:
+        a, b = template.format("\x00a"), template.format("\x00b")
+    except (IndexError, KeyError, ValueError):
+        a = b = None
+    if a is None or a == b:
+        raise UserError(
+            f"--template {template!r}: write exactly one {{}} where the concept goes, e.g. "
+            '"a photo of {}" (a literal brace is written {{ or }})'
+        )
 
 
 def _softmax_temperature(similarity: str, hp: dict[str, Any]) -> float:
@@ -305,7 +353,13 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     from dissect_tui.clip_backend import load_clip
     from dissect_tui.fast_decode import DecodeStats, iter_device_batches, plan_decode
     from dissect_tui.probe import iter_batches, resolve_probe
-    from dissect_tui.targets import LayerRecorder, final_linear, load_target, resolve_layers
+    from dissect_tui.targets import (
+        LayerRecorder,
+        check_target_spec,
+        final_linear,
+        load_target,
+        resolve_layers,
+    )
 
     progress = progress or NullProgress()
     times: dict[str, float] = {}
@@ -315,9 +369,16 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         raise UserError(f"unknown pooling {s.pool!r}: use mean or max")
     check_similarity(s.similarity)
     hp = _hyperparameters(s.similarity, s.hyperparameters)
+    check_cutoff(s.cutoff)
+    check_top_n("--top-images", s.top_images)
+    check_top_n("--top-concepts", s.top_concepts)
+    check_template(s.template)
+    if s.batch_size is not None:
+        check_top_n("--batch-size", s.batch_size)
     device = resolve_device(s.device)
     precision = resolve_precision(s.precision, device)
     final_path = s.db_path()
+    check_target(final_path)
 
     # Cheap validation first, so a typo fails before minutes of model loading.
     with _stage(times, "setup"):
@@ -325,6 +386,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         if (msg := concept_set.describe_dropped()) is not None:
             progress.note(msg)
             notes.append(msg)
+        check_target_spec(s.model, s.weights)  # before a probe download can fail first
         probe = resolve_probe(s.probe, Path(s.cache_dir))
         for msg in probe.notes:
             progress.note(msg)
@@ -587,6 +649,9 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
         similarity, {**(base["hyperparameters"] if same_method else {}), **s.hyperparameters}
     )
     cutoff = base["cutoff"] if s.cutoff is None else s.cutoff
+    check_cutoff(cutoff)
+    check_top_n("--top-concepts", s.top_concepts)
+    check_template(s.template)
     concept_spec = s.concepts
     if concept_spec is not None:
         concept_set = load_concepts(concept_spec)

@@ -117,7 +117,7 @@ def _looks_like_file(weights: str) -> bool:
         weights.lower().endswith(WEIGHT_FILE_SUFFIXES)
         or os.sep in weights
         or "/" in weights
-        or Path(weights).expanduser().is_file()
+        or Path(weights).expanduser().exists()  # a folder too, so it fails as one
     )
 
 
@@ -130,7 +130,24 @@ def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _load_torchvision(spec: str, weights: str | None) -> Target:
+def check_target_spec(spec: str, weights: str | None = None) -> None:
+    """Cheap checks of a torchvision model name and its weights (no download, no build), so a
+    typo fails before slower setup steps such as a probe download. Custom models are checked
+    when load_target imports them; a weights file is checked for both."""
+    spec = spec.strip()
+    if not spec:
+        return
+    custom = ":" in spec
+    name = None if custom else _torchvision_name(spec)
+    if _is_none_weights(weights):
+        return
+    if weights is not None and _looks_like_file(weights):
+        _existing_file(weights)
+    elif name is not None:
+        _resolve_weights_enum(name, weights)
+
+
+def _torchvision_name(spec: str) -> str:
     available = list_target_models()
     name = spec.lower()
     if name not in available:
@@ -141,6 +158,11 @@ def _load_torchvision(spec: str, weights: str | None) -> Target:
             "models in torchvision.models.list_models(module=torchvision.models) works, or pass your "
             "own as path/to/file.py:factory or package.module:factory"
         )
+    return name
+
+
+def _load_torchvision(spec: str, weights: str | None) -> Target:
+    name = _torchvision_name(spec)
     tv = torchvision.models
     if _is_none_weights(weights):
         model = _seeded_build(lambda: tv.get_model(name, weights=None))
@@ -207,6 +229,10 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
 
 def _existing_file(weights: str) -> Path:
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise UserError(
+            f"--weights {weights} is a folder: give the state-dict file (.pth/.pt/.safetensors) in it"
+        )
     if not path.is_file():
         raise UserError(f"weights file not found: {weights}")
     return path.resolve()

@@ -56,6 +56,45 @@ def _fixed_array(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=pa.float32()), matrix.shape[1])
 
 
+def check_target(final: Path) -> None:
+    """Fail before any work if a cache cannot be written at ``final``: it is a folder, its folder
+    cannot be created or written, or it is some other file (never overwrite a user's data)."""
+    final = Path(final)
+    if final.is_dir():
+        raise CacheError(f"{final} is a folder: give --db a file path such as {final / 'model.duckdb'}")
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CacheError(
+            f"cannot create folder {parent} for {final}: a file of that name is in the way"
+        ) from None
+    except OSError as exc:
+        raise CacheError(f"cannot create folder {parent} for {final}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CacheError(f"cannot write in folder {parent}: choose another --db")
+    if final.is_file() and final.stat().st_size > 0 and not _is_cache_file(final):
+        raise CacheError(f"{final} exists and is not a dissect-tui cache; refusing to overwrite it")
+
+
+def _is_cache_file(path: Path) -> bool:
+    """A DuckDB file with a ``meta`` table (any schema version, finished or not)."""
+    with open(path, "rb") as fh:
+        if fh.read(12)[8:12] != b"DUCK":
+            return False
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error:
+        return True  # locked by a writer or of another DuckDB version: assume it is ours
+    try:
+        con.execute("SELECT 1 FROM meta LIMIT 1")
+        return True
+    except duckdb.Error:
+        return False
+    finally:
+        con.close()
+
+
 class CacheWriter:
     """A cache under construction. Use as a context manager; ``commit()`` moves it into place.
 
@@ -66,7 +105,7 @@ class CacheWriter:
     def __init__(self, final_path: Path, base: Path | None = None) -> None:
         self.final_path = Path(final_path)
         self.tmp_path = _tmp_path(self.final_path)
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        check_target(self.final_path)
         _remove_db_files(self.tmp_path)
         self._committed = False
         if base is not None:
