@@ -93,13 +93,7 @@ def load_concepts(spec: str) -> ConceptSet:
             f"unknown concept set {spec!r}: use one of {', '.join(SHIPPED)} or the path of a "
             "UTF-8 text file with one concept per line"
         )
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"concept file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"cannot read concept file {path}: {exc.strerror}") from None
-    concepts = clean(text.splitlines(), path.stem)
+    concepts = clean(read_text_file(path, "concept file").splitlines(), path.stem)
     if not concepts.texts:
         raise UserError(f"concept file {path} has no concepts (every line is empty)")
     return concepts
@@ -115,7 +109,22 @@ def class_names(spec: str) -> list[str]:
         return [_line_to_text(spec, line) for line in lines]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(
-            f"unknown class-name list {spec!r}: use imagenet, places365, cifar100 or a text file"
-        )
-    return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+        raise UserError(f"unknown class-name list {spec!r}: use imagenet, places365, cifar100 or a text file")
+    names = [line.strip() for line in read_text_file(path, "class-name list").splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"class-name list {path} has no names (every line is empty)")
+    return names
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file as UTF-8; a byte-order mark (Windows editors write one) is dropped and
+    UTF-16 with a BOM is accepted too, so no concept starts with an invisible U+FEFF."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
