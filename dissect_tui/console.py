@@ -55,15 +55,21 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, TaskID] = {}
+        self._live = False
 
     def __enter__(self) -> RichProgress:
-        self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
+        if self._live:
+            self._progress.stop()
 
     def start(self, stage: str, total: int | None, unit: str = "items") -> None:
+        # The live display starts with the first stage: started earlier, a run that fails during
+        # validation would print an empty display (a blank line) before its one-line error.
+        if not self._live:
+            self._progress.start()
+            self._live = True
         self._tasks[stage] = self._progress.add_task(stage, total=total, unit=unit)
 
     def advance(self, stage: str, n: int = 1) -> None:
