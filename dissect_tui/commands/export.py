@@ -7,6 +7,7 @@ the filters are the browser's: layers, cutoff, interpretable only, text match, n
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dissect_tui.errors import UserError
 
@@ -65,6 +66,20 @@ def parse_neuron(spec: str) -> tuple[str, int]:
     return layer, int(unit)
 
 
+def check_neurons(reader: Any, keys: list[tuple[str, int]]) -> None:
+    """--neuron names a real neuron; one past the end would otherwise export nothing, silently."""
+    units = {info.layer: int(info.n_units) for info in reader.layers()}
+    for layer, unit in keys:
+        if layer not in units:
+            raise UserError(
+                f"--neuron {layer}:{unit}: no layer {layer!r} in this cache; layers: {', '.join(units)}"
+            )
+        if unit >= units[layer]:
+            raise UserError(
+                f"--neuron {layer}:{unit}: no unit {unit} in layer {layer!r}, it has units 0-{units[layer] - 1}"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     from dissect_tui.store import open_cache, resolve_cache
     from dissect_tui.store.export import export_format, export_neurons
@@ -73,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     keys = [parse_neuron(s) for s in args.neuron] if args.neuron else None
     with open_cache(resolve_cache(args.db)) as reader:
         run_id = args.run if args.run is not None else reader.latest_run_id()
+        check_neurons(reader, keys or [])
         n = export_neurons(
             reader,
             run_id,

@@ -9,6 +9,7 @@ export never leaves a half-written file. Every user value reaches SQL as a bound
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -106,6 +107,8 @@ def neuron_table(
         cutoff = run.get("cutoff")
         if cutoff is None:
             raise UserError(f"run {run_id} records no interpretability cutoff: pass one with --cutoff")
+    if not math.isfinite(cutoff):
+        raise UserError(f"--cutoff must be a finite number, got {cutoff}")
     if layers:
         known = [info.layer for info in reader.layers()]
         unknown = [name for name in layers if name not in known]
