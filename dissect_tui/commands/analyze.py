@@ -334,6 +334,7 @@ def parse_levels(text: str) -> list[float]:
 
 
 def run_interpretability(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -357,13 +358,15 @@ def run_interpretability(args: argparse.Namespace) -> int:
     table = Table(
         title=f"run {rid} · {run.get('similarity')} scores · interpretable: score > τ = {tau:g}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # light borders leave room for the levels at 80 columns
     )
-    table.add_column("layer")
-    table.add_column("neurons", justify="right")
-    table.add_column("score > τ", justify="right")
-    table.add_column("", justify="left", no_wrap=True, min_width=10)
+    # no_wrap + min_width: at 80 columns rich would otherwise cut numbers to "0.90…"
+    table.add_column("layer", no_wrap=True)
+    table.add_column("neurons", justify="right", no_wrap=True)
+    table.add_column("> τ", justify="right", no_wrap=True, min_width=6)
+    table.add_column("", justify="left", no_wrap=True, min_width=5)
     for level in levels:
-        table.add_column(f"τ @ {100 * level:g}%", justify="right")
+        table.add_column(f"τ@{100 * level:g}%", justify="right", no_wrap=True, min_width=6)
     rows: list[tuple[str, float | None, str | None]] = []
     for layer, s in scores.items():
         frac = interpretable_fraction(s, tau)
@@ -372,15 +375,15 @@ def run_interpretability(args: argparse.Namespace) -> int:
             layer,
             f"{len(s):,}",
             f"{100 * frac:.1f}%",
-            hbar(frac, 0.0, 1.0, 10),
-            *(f"{t:.4f}" for t in crossings),
+            hbar(frac, 0.0, 1.0, 5),
+            *(f"{t:.3f}" for t in crossings),
         )
         detail = json.dumps({"layer": layer, "tau": tau, "n_units": len(s)})
         rows.append((f"{layer}.fraction", frac, detail))
         rows += [(f"{layer}.tau@{level:g}", t, detail) for level, t in zip(levels, crossings, strict=True)]
     console.print(table)
     console.print(
-        "τ @ L: for any cutoff below this value at least L of the layer's neurons are interpretable "
+        "> τ: share of neurons scoring above τ; τ@L: for any cutoff below this value at least L of the layer's neurons are interpretable "
         "(the ⌈L·K⌉-th highest score)"
     )
     if run.get("similarity") != "soft_wpmi":
