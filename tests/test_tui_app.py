@@ -595,6 +595,8 @@ async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache,
     """Cancelling a wider composition leaves the previous result with a title that matches it."""
     import time
 
+    import anyio
+
     from dissect_tui.explain import Cancelled
     from dissect_tui.tui.compose import ComposeScreen
 
@@ -606,7 +608,8 @@ async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache,
                     [(f"p{i} q{i}", 1.0 - i / 10) for i in range(10)],
                     [(f"s{i}", 0.5) for i in range(10)],
                 )
-            while not cancelled():  # breadth 100: runs until Esc
+            end = time.monotonic() + 20  # breadth 100: runs until Esc (bounded, so a failure cannot hang)
+            while not cancelled() and time.monotonic() < end:
                 time.sleep(0.01)
             raise Cancelled
 
@@ -632,6 +635,14 @@ async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache,
         assert "cancelled" in str(comp.query_one("#c-status").render())
         await pilot.press("escape")
         assert isinstance(app.screen, DetailScreen)
+        # q quits from the (modal) composition screen too, even mid-computation.
+        await pilot.press("c", "3")
+        await pilot.pause(0.1)
+        await pilot.press("q")
+        with anyio.fail_after(10):
+            await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.return_code == 0
 
 
 def test_label_sort_ignores_case():

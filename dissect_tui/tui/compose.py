@@ -22,6 +22,9 @@ class ComposeScreen(ModalScreen):
 
     BINDINGS = [
         Binding("escape", "close", "Cancel / back"),
+        # A modal screen hides the app's bindings: q and ? must still work here.
+        Binding("q", "app.quit", "Quit"),
+        Binding("question_mark", "app.help", "Help", key_display="?"),
         Binding("1", "breadth(10)", "Top 10"),
         Binding("2", "breadth(20)", "Top 20"),
         Binding("3", "breadth(100)", "Top 100"),
