@@ -349,6 +349,12 @@ async def test_sql_screen_runs_queries_read_only(cache):
         await settle(app, pilot)
         status = str(app.screen.query_one("#sql-status").render())
         assert "SQL error" in status and "read-only" in status.lower()
+        # DuckDB's read-only mode still lets COPY write a file: refused before it runs.
+        box.value = f"COPY neurons TO '{cache.parent / 'leak.csv'}'"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert "not allowed" in str(app.screen.query_one("#sql-status").render())
+        assert not (cache.parent / "leak.csv").exists()
         box.value = "SELEC nonsense"
         await pilot.press("enter")
         await settle(app, pilot)

@@ -224,6 +224,12 @@ def correlated_units(
     return [(int(u), float(r[u])) for u in best if np.isfinite(r[u])], tbl.num_rows
 
 
+READING_STATEMENTS = frozenset(
+    {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
+     duckdb.StatementType.CALL}
+)  # fmt: skip
+
+
 def run_user_query(reader: CacheReader, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
     """A user's read-only query on ``reader``'s own cursor, so ``interrupt(reader)`` can stop it.
 
@@ -231,6 +237,15 @@ def run_user_query(reader: CacheReader, sql: str, limit: int) -> tuple[list[str]
     """
     con = reader.con
     try:
+        # The cache is opened read-only, but DuckDB still lets COPY/EXPORT write files, INSTALL
+        # download and SET change the shared connection: only reading statements run here.
+        for stmt in duckdb.extract_statements(sql):
+            if stmt.type not in READING_STATEMENTS:
+                kind = stmt.type.name.replace("_", " ")
+                raise CacheError(
+                    f"SQL error: {kind} is not allowed, the browser is read-only (SELECT, EXPLAIN, "
+                    "PRAGMA, CALL); to write neurons to a file, press e on the main screen"
+                )
         con.execute(sql)
         if con.description is None:
             return [], []
