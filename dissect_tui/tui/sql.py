@@ -16,7 +16,10 @@ from dissect_tui.store.browse import interrupt, run_user_query
 from dissect_tui.store.reader import CacheReader
 
 MAX_ROWS = 1000
-EXAMPLE = "SELECT layer, count(*) AS n, avg(similarity) AS mean_score FROM latest_neurons GROUP BY layer"
+EXAMPLE = (
+    "SELECT n.layer, count(*) AS n, avg(n.similarity) AS mean_score FROM latest_neurons n "
+    "JOIN layers l USING (layer) GROUP BY n.layer, l.position ORDER BY l.position"
+)
 
 
 class SqlScreen(Screen):
