@@ -494,7 +494,8 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     acts_all = {layer: torch.cat(acts_chunks[layer]) for layer in layers}
     del acts_chunks
     for layer in layers:
-        layer_shapes[layer] = str(list(acts_all[layer].shape[1:]))
+        raw = recorder.output_shapes.get(layer)
+        layer_shapes[layer] = str(list(raw if raw is not None else acts_all[layer].shape[1:]))
     image_emb = torch.cat(emb_chunks)
     del emb_chunks
 

@@ -548,9 +548,15 @@ class LayerRecorder:
         self.pool = pool
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        # raw output shape per layer without the batch dimension (first forward), for the record
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
 
     def _hook(self, layer: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if layer not in self.output_shapes:
+                raw = _first_tensor(output)
+                if raw is not None:
+                    self.output_shapes[layer] = tuple(raw.shape[1:])
             try:
                 self._outputs[layer] = summarize(output, self.pool).detach()
             except UserError as exc:

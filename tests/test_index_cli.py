@@ -4,6 +4,7 @@ relation filled and consistent; relabel; failures as one clear line."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def test_counts_ranks_and_ids_are_consistent(workspace):
     for layer in LAYERS:
         k = WIDTHS[layer]
         assert q(db, "SELECT n_units FROM layers WHERE layer = ?", [layer]) == [(k,)]
+        # output_shape is the module's raw output (without the batch), before pooling
+        shape = json.loads(q(db, "SELECT output_shape FROM layers WHERE layer = ?", [layer])[0][0])
+        assert shape[0] == k and len(shape) == (1 if layer == "fc" else 3)
         assert q(
             db,
             "SELECT count(*), min(len(acts)), max(len(acts)) FROM activation_rows WHERE layer = ?",
