@@ -476,3 +476,12 @@ def test_doc_relabel_query(reader):
         for a, u, x, y in zip(before["layer"], before["unit"], before["label"], after["label"], strict=True)
     ]
     assert any(r[6] for r in rows)
+
+
+def test_sql_several_statements_print_one_table_each(db, capsys):
+    code, out, _ = cli(capsys, "sql", db, "SELECT 41 + 1 AS answer; SELECT 'second' AS which")
+    assert code == 0
+    assert "answer" in out and "42" in out and "which" in out and "second" in out
+    assert out.index("answer") < out.index("which")
+    code, _, err = cli(capsys, "sql", db, "SELECT 1; SELECT 2", "--csv")
+    assert code == 2 and "one result" in err

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dissect_tui.store import open_cache, resolve_cache
-    from dissect_tui.store.export import stream_query
+    from dissect_tui.store.export import split_statements, stream_query
 
     query = sys.stdin.read() if args.query == "-" else args.query
     if not query.strip():
@@ -54,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit must be 0 (no limit) or more")
     reader = open_cache(resolve_cache(args.db))
     try:
-        cols, rows = stream_query(reader, query)
-        if args.csv:
-            write_csv(cols, rows, sys.stdout)
-        elif args.json:
-            write_json(cols, rows, sys.stdout)
-        else:
-            print_table(cols, rows, args.limit or None)
+        statements = split_statements(reader, query)
+        if len(statements) > 1 and (args.csv or args.json):
+            raise UserError(f"--csv/--json print one result: got {len(statements)} statements")
+        # Like the duckdb shell: several statements print one table each, in order.
+        for statement in statements:
+            cols, rows = stream_query(reader, statement)
+            if args.csv:
+                write_csv(cols, rows, sys.stdout)
+            elif args.json:
+                write_json(cols, rows, sys.stdout)
+            elif cols:
+                print_table(cols, rows, args.limit or None)
     finally:
         reader.close()
     return 0

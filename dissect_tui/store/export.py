@@ -190,6 +190,14 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
+def split_statements(reader: CacheReader, query: str) -> list[str]:
+    """The statements of a query text, split by DuckDB's own parser; a parse error is CacheError."""
+    try:
+        return [st.query for st in reader.con.extract_statements(query)] or [query]
+    except duckdb.Error as exc:
+        raise CacheError(sql_error_message(exc)) from None
+
+
 def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[list[str], Iterator[tuple]]:
     """(column names, row iterator) of any query, fetched in batches so --csv streams big results.
 
