@@ -158,7 +158,6 @@ def _autocast(device: torch.device, precision: str):
 
 def encode_concepts(
     texts: list[str],
-    clip_key: str,
     cached: dict[str, np.ndarray],
     load_clip_model,
     template: str | None,
@@ -504,9 +503,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     clip_key = clip_model.key if not s.template else f"{clip_model.key}|template={s.template}"
     with _stage(times, "concepts"):
         cached = _reuse_concept_embeddings(final_path, clip_key, texts)
-        concept_emb_np, n_encoded = encode_concepts(
-            texts, clip_key, cached, lambda: clip_model, s.template, progress
-        )
+        concept_emb_np, n_encoded = encode_concepts(texts, cached, lambda: clip_model, s.template, progress)
     if n_encoded < len(texts):
         notes.append(f"reused {len(texts) - n_encoded} concept embeddings from {final_path}")
     concept_emb = torch.from_numpy(concept_emb_np).to(device)
@@ -689,9 +686,8 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
 
         with _stage(times, "concepts"):
             cached = reader.embeddings_by_text(clip_key, texts)
-            concept_emb_np, n_encoded = encode_concepts(
-                texts, clip_key, cached, load_text_tower, template, progress
-            )
+            stored = set(cached)  # encode_concepts adds the new texts to cached
+            concept_emb_np, n_encoded = encode_concepts(texts, cached, load_text_tower, template, progress)
         if n_encoded:
             notes.append(f"encoded {n_encoded} new concept texts")
         with _stage(times, "write"):
@@ -727,8 +723,8 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             concept_ids = writer.concept_ids(texts)
             writer.write_run_concepts(run_id, concept_ids)
             if n_encoded:
-                missing_ids, missing_emb = _missing_embeddings(writer, clip_key, concept_ids, concept_emb_np)
-                writer.write_concept_embeddings(clip_key, missing_ids, missing_emb)
+                new = np.array([t not in stored for t in texts], dtype=bool)
+                writer.write_concept_embeddings(clip_key, concept_ids[new], concept_emb_np[new])
         image_emb = torch.from_numpy(image_emb_np).to(device)
         concept_emb = torch.from_numpy(concept_emb_np).to(device)
 
@@ -776,15 +772,3 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
 def _template_of(run: dict[str, Any]) -> str | None:
     key = run.get("clip_key") or ""
     return key.split("|template=", 1)[1] if "|template=" in key else None
-
-
-def _missing_embeddings(
-    writer: CacheWriter, clip_key: str, concept_ids: np.ndarray, emb: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    have = writer.cached_concept_embeddings(clip_key, concept_ids)
-    mask = np.array([int(c) not in have for c in concept_ids], dtype=bool)
-    return concept_ids[mask], emb[mask]
-
-
-def percent(part: int, whole: int) -> float:
-    return 100.0 * part / whole if whole else math.nan

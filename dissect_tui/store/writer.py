@@ -291,25 +291,6 @@ class CacheWriter:
             )
         return ids
 
-    def cached_concept_embeddings(self, clip_key: str, concept_ids: np.ndarray) -> dict[int, np.ndarray]:
-        """Stored embeddings of these concepts for this text tower (relabel reuses them)."""
-        if not self.has_table("concept_embeddings"):
-            return {}
-        wanted = pa.table({"concept_id": pa.array(np.asarray(concept_ids, dtype=np.int32))})
-        self.con.register("_wanted", wanted)
-        try:
-            rows = self.con.execute(
-                "SELECT c.concept_id, c.emb FROM concept_embeddings c JOIN _wanted w USING (concept_id) "
-                "WHERE c.clip_key = ?",
-                [clip_key],
-            ).fetchnumpy()
-        finally:
-            self.con.unregister("_wanted")
-        return {
-            int(cid): np.asarray(e, dtype=np.float32)
-            for cid, e in zip(rows["concept_id"], rows["emb"], strict=True)
-        }
-
     def write_concept_embeddings(self, clip_key: str, concept_ids: np.ndarray, emb: np.ndarray) -> None:
         if len(concept_ids) == 0:
             return
