@@ -1,11 +1,14 @@
 """Benchmark scoring.score_layers (the P-free scorer) and compare it with similarity.py.
 
-Prints three tables:
+Prints four tables:
   1. the target size: ResNet-50-like layers (64, 256, 512, 1024, 2048 neurons) × M concepts ×
-     N images, D = 512, SoftWPMI by default: top-image time per layer, the shared scoring pass,
-     total wall time, CPU time and peak RSS;
-  2. scaling: time and peak RSS as N, K and M each double from a base size;
-  3. scoring.score_layer against the dense similarity function on a size where P fits.
+     N images, D = 512, SoftWPMI by default: score_layers' wall time (top images of every layer
+     + the shared pass; top-image time per layer shown apart), CPU time and peak RSS;
+  2. the indexer's scoring stage at the target size, which also stores each image's top-5
+     concepts and softmax normaliser: computed by a second pass over P (as before) against
+     collected inside the scoring pass (image_top=5), with the share of equal image labels;
+  3. scaling: time and peak RSS as N, K and M each double from a base size;
+  4. scoring.score_layer against the dense similarity function on a size where P fits.
 
 Every measurement runs in its own subprocess so peak RSS (ru_maxrss) belongs to that run alone;
 "input RSS" is the RSS after the synthetic inputs were made, so peak − input is the scorer's own
@@ -51,21 +54,33 @@ def child(cfg: dict) -> dict:
     input_rss = _cur_rss_gb()
     out: dict = {"input_rss": input_rss}
     cpu0, t0 = time.process_time(), time.perf_counter()
-    if cfg["mode"] == "dense":
+    if cfg["mode"] in ("stage_separate", "stage_fused"):
+        from dissect_tui.indexer import image_concept_summary
+
+        fused = cfg["mode"] == "stage_fused"
+        res = scoring.score_layers(
+            layers,
+            img,
+            txt,
+            cfg["method"],
+            cfg["top"],
+            memory_budget=cfg["budget"],
+            image_top=5 if fused else 0,
+        )
+        first = next(iter(res.values()))
+        if fused:
+            ids = first.image_top_concepts
+        else:
+            ids = torch.from_numpy(image_concept_summary(img, txt, 10.0)[0])
+        out["image_best"] = ids[:, 0].tolist()
+    elif cfg["mode"] == "dense":
         acts = torch.cat(list(layers.values()), dim=1)
         scores = similarity.SIMILARITIES[cfg["method"]](acts, img @ txt.T)
         vals, idx = scores.topk(cfg["top"], dim=1)
         out["result"] = {"vals": vals.tolist(), "idx": idx.tolist()}
     else:
-        per_layer = {}
-        for name, a in layers.items():
-            t = time.perf_counter()
-            scoring.top_images(a, 100)
-            per_layer[name] = time.perf_counter() - t
-        out["top_images_s"] = per_layer
-        t = time.perf_counter()
         res = scoring.score_layers(layers, img, txt, cfg["method"], cfg["top"], memory_budget=cfg["budget"])
-        out["pass_s"] = time.perf_counter() - t
+        out["pass_s"] = time.perf_counter() - t0
         if cfg["mode"] == "compare":
             out["result"] = {
                 "vals": torch.cat([r.top_scores for r in res.values()]).tolist(),
@@ -73,6 +88,13 @@ def child(cfg: dict) -> dict:
             }
     out["wall_s"] = time.perf_counter() - t0
     out["cpu_s"] = time.process_time() - cpu0
+    if cfg["mode"] == "score":  # after the clock: score_layers already picks the top images itself
+        per_layer = {}
+        for name, a in layers.items():
+            t = time.perf_counter()
+            scoring.top_images(a, 100)
+            per_layer[name] = time.perf_counter() - t
+        out["top_images_s"] = per_layer
     out["peak_rss"] = _rss_gb()
     return out
 
@@ -102,7 +124,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0, help="scorer memory budget in GiB")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--quick", action="store_true", help="small sizes everywhere (a minute or two)")
-    ap.add_argument("--skip", default="", help="comma list of tables to skip: target,scaling,compare")
+    ap.add_argument("--skip", default="", help="comma list of tables to skip: target,stage,scaling,compare")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -132,15 +154,30 @@ def main() -> None:
         cfg = {**base, "N": N, "M": M, "layers": layers, "mode": "score"}
         r = run(cfg)
         print(f"\n## {args.method}: {sum(layers)} neurons x {M} concepts x {N} images, D={args.dim}")
-        print("| layer | neurons | top_images s |")
+        print("| step | neurons | s |")
         print("|---|---:|---:|")
+        print(f"| score_layers: top images + shared SoftWPMI pass | {sum(layers)} | {r['pass_s']:.2f} |")
         for (name, s), k in zip(r["top_images_s"].items(), layers, strict=True):
-            print(f"| {name} | {k} | {s:.2f} |")
-        print(f"| shared scoring pass (all layers) | {sum(layers)} | {r['pass_s']:.2f} |")
+            print(f"| of which top images of {name} | {k} | {s:.2f} |")
         print(
             f"\ntotal wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss']:.2f} GB "
             f"(inputs {r['input_rss']:.2f} GB, scorer {r['peak_rss'] - r['input_rss']:.2f} GB); load {load()}"
         )
+
+    if "stage" not in skip:
+        print(f"\n## indexer scoring stage (scores + per-image top-5 and lse), {M} concepts x {N} images")
+        print("| variant | wall s | CPU s | peak RSS GB |")
+        print("|---|---:|---:|---:|")
+        best = {}
+        for mode, label in (
+            ("stage_separate", "second pass over P"),
+            ("stage_fused", "inside the scoring pass"),
+        ):
+            r = run({**base, "N": N, "M": M, "layers": layers, "mode": mode})
+            best[mode] = torch.tensor(r["image_best"])
+            print(f"| {label} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss']:.2f} |")
+        same = (best["stage_separate"] == best["stage_fused"]).float().mean().item() * 100
+        print(f"\nbest concept per image identical for {same:.3f}% of images; load {load()}")
 
     if "scaling" not in skip:
         bN, bM, bK = (2_000, 1_000, 128) if args.quick else (10_000, 4_000, 512)

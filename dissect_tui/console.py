@@ -106,9 +106,12 @@ def print_summary(result: IndexResult, quiet: bool = False) -> None:
         labels = ", ".join(f"{label} ({count})" for label, count in s.common_labels)
         table.add_row(s.layer, f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", labels)
     stderr.print(table)
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
-    rate = f"; {result.images_per_second:,.0f} img/s through the models" if result.images_per_second else ""
-    stderr.print(f"time per stage: {stages}{rate}")
+    rates = result.stage_rates()
+    stages = ", ".join(
+        f"{k} {v:.1f}s" + (f" ({rates[k]})" if k in rates else "") for k, v in result.stage_seconds.items()
+    )
+    total = sum(result.stage_seconds.values())
+    stderr.print(f"time per stage: {stages}; total {total:.1f}s", highlight=False, soft_wrap=True)
     ok = result.n_images - result.n_failed
     stderr.print(f"images: {ok:,} decoded, {result.n_failed:,} skipped")
     for path, error in result.failed_examples:

@@ -112,6 +112,22 @@ class IndexResult:
     stage_seconds: dict[str, float]
     images_per_second: float | None = None
     notes: list[str] = field(default_factory=list)
+    n_concepts_encoded: int = 0  # texts that went through the text tower (0: all reused)
+
+    def stage_rates(self) -> dict[str, str]:
+        """Throughput of each timed stage in its own unit (images, texts), for the summary."""
+        ok = self.n_images - self.n_failed
+        rates = {}
+        for stage, seconds in self.stage_seconds.items():
+            if seconds <= 0:
+                continue
+            if stage == "concepts" and self.n_concepts_encoded:
+                rates[stage] = f"{self.n_concepts_encoded / seconds:,.0f} texts/s"
+            elif stage == "images" and self.n_images:
+                rates[stage] = f"{self.n_images / seconds:,.0f} img/s"
+            elif stage in ("scoring", "write") and ok:
+                rates[stage] = f"{ok / seconds:,.0f} img/s"
+        return rates
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -241,6 +257,8 @@ def _check_hyperparameter(similarity: str, key: str, value: Any, default: Any) -
         raise UserError(f"{where}: the value must be a whole number")
     if key in _HP_MIN and value < _HP_MIN[key]:
         raise UserError(f"{where}: the value must be at least {_HP_MIN[key]}")
+    if key == "a" and not value > 0:
+        raise UserError(f"{where}: the softmax scale must be greater than 0")
     if key in _HP_FRACTION and not 0 < value <= 1:
         raise UserError(f"{where}: the value must be a fraction in (0, 1]")
 
@@ -313,6 +331,7 @@ def _score_and_write(
             method=similarity,
             top_concepts=min(top_concepts, len(texts)),
             on_progress=lambda done, total: progress.update("scoring", done, total),
+            image_top=IMAGE_CONCEPTS_TOP,
             **hp,
         )
         del acts
@@ -326,10 +345,17 @@ def _score_and_write(
             writer.write_neurons(run_id, layer, labels, concept_ids[top_c[:, 0]], top_s[:, 0], cutoff)
             writer.write_neuron_concepts(run_id, layer, concept_ids[top_c], top_s)
             summaries.append(summarize_layer(layer, labels, top_s[:, 0], cutoff))
-    with _stage(times, "scoring"):
-        img_top, img_sims, lse = image_concept_summary(
-            image_emb, concept_emb, _softmax_temperature(similarity, hp)
-        )
+    first = results[layers[0]]
+    if first.image_top_concepts is not None and first.image_lse is not None:
+        # wpmi/soft_wpmi formed every image's P row already: reuse, no second N×M×D product
+        img_top = first.image_top_concepts.cpu().numpy()
+        img_sims = first.image_top_sims.float().cpu().numpy()
+        lse = first.image_lse.float().cpu().numpy()
+    else:
+        with _stage(times, "scoring"):
+            img_top, img_sims, lse = image_concept_summary(
+                image_emb, concept_emb, _softmax_temperature(similarity, hp)
+            )
     with _stage(times, "write"):
         writer.write_image_concepts(run_id, image_ids, concept_ids[img_top], img_sims)
         writer.write_image_softmax(run_id, image_ids, lse)
@@ -611,6 +637,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         stage_seconds={k: round(v, 3) for k, v in times.items()},
         images_per_second=ips,
         notes=notes,
+        n_concepts_encoded=n_encoded,
     )
 
 
@@ -766,6 +793,7 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
         layers=summaries,
         stage_seconds={k: round(v, 3) for k, v in times.items()},
         notes=notes,
+        n_concepts_encoded=n_encoded,
     )
 
 

@@ -68,6 +68,10 @@ class LayerScores:
     top_concepts: Tensor  # [K, T] long, concept indices, best first
     top_scores: Tensor  # [K, T], sorted descending
     image_lse: Tensor | None  # [N] logsumexp_m a·P[i, m] (wpmi/soft_wpmi), else None
+    # With ``image_top`` > 0 (wpmi/soft_wpmi): each image's best concepts by P, collected from
+    # the P rows the pass forms anyway, so the indexer needs no second N×M×D product.
+    image_top_concepts: Tensor | None = None  # [N, image_top] long, best first
+    image_top_sims: Tensor | None = None  # [N, image_top] P values
 
 
 def _hparams(method: str, hp: Mapping[str, float | int]) -> dict[str, float | int]:
@@ -147,12 +151,15 @@ def score_layers(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device | None = None,
     on_progress: Progress | None = None,
+    image_top: int = 0,
     **hp: float | int,
 ) -> dict[str, LayerScores]:
     """Score several layers ({name: acts [N, K_l]}) against the same images and concepts.
 
     The prior of wpmi/soft_wpmi is per layer, exactly as if each layer were scored alone; the
-    ``image_lse`` tensor is shared by all layers.
+    ``image_lse`` tensor is shared by all layers, and so are ``image_top_concepts`` /
+    ``image_top_sims`` when ``image_top`` > 0 (wpmi/soft_wpmi only; other methods never form
+    P rows, so the fields stay None).
     """
     params = _hparams(method, hp)
     if image_emb.ndim != 2 or concept_emb.ndim != 2 or image_emb.shape[1] != concept_emb.shape[1]:
@@ -185,6 +192,8 @@ def score_layers(
         def sink(li: int, m0: int, scores: Tensor) -> None:
             tracks[li].update(m0, scores)
 
+        collect = image_top > 0 and float(params["a"]) > 0
+        row_top = RowTop(N, min(int(image_top), M), dt, dev) if collect else None
         lse = pmi_pass(
             tops,
             img,
@@ -196,8 +205,10 @@ def score_layers(
             sink=sink,
             memory_budget=memory_budget,
             on_progress=on_progress,
+            row_top=row_top,
         )
-        return {k: LayerScores(tr.idx, tr.vals, lse) for k, tr in zip(names, tracks, strict=True)}
+        ti, tv = (row_top.idx, row_top.vals) if row_top is not None else (None, None)
+        return {k: LayerScores(tr.idx, tr.vals, lse, ti, tv) for k, tr in zip(names, tracks, strict=True)}
     fn = _cos_layer if method == "cos" else _rank_reorder_layer
     done, total = 0, len(names)
     out: dict[str, LayerScores] = {}
@@ -256,6 +267,25 @@ def _rank_reorder_layer(
 
 # ---------------------------------------------------------------------------------------------
 # The wpmi / soft_wpmi engine
+
+
+class RowTop:
+    """Each image's best concepts, filled from a·P rows as pmi_pass forms them (values are P)."""
+
+    def __init__(self, N: int, top: int, dtype: torch.dtype, device: torch.device):
+        self.top = top
+        self.idx = torch.zeros((N, top), dtype=torch.long, device=device)
+        self.vals = torch.full((N, top), math.nan, dtype=dtype, device=device)
+
+    def update(self, ids: Tensor, scaled: Tensor, a: float) -> Tensor:
+        """``scaled`` = a·P for images ``ids`` over all concepts (a > 0 keeps the order of P).
+
+        Returns each row's maximum of ``scaled``, which the softmax needs anyway.
+        """
+        v, i = torch.topk(scaled, self.top, dim=1, sorted=True)
+        self.idx[ids] = i
+        self.vals[ids] = v / a
+        return v[:, 0]
 
 
 def _group_size(c_lo: float, c_hi: float, M: int, dtype: torch.dtype) -> int:
@@ -354,13 +384,17 @@ def pmi_pass(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     on_progress: Progress | None = None,
     all_rows: bool = True,
+    row_top: RowTop | None = None,
 ) -> Tensor:
     """WPMI (weights None) or SoftWPMI (weights p_r [n]) scores for layers with top images ``tops``.
 
     ``tops[l]`` is [K_l, n] image indices, best first. Final scores reach ``sink(l, m0, [K_l, mc])``
     one concept chunk at a time. Returns ``image_lse`` [N]; with ``all_rows=False`` it is only
     computed for images in some top list (NaN elsewhere), which is all the scores need.
+    ``row_top`` (needs a > 0) collects each scored image's best concepts on the way.
     """
+    if row_top is not None and not a > 0:
+        raise ValueError(f"row_top needs a > 0 (the order of a·P is that of P), got a={a}")
     img, Tm = image_emb, concept_emb
     dt, dev = img.dtype, img.device
     N, M = img.shape[0], Tm.shape[0]
@@ -428,8 +462,11 @@ def pmi_pass(
                     e = Eb[s0:s1]
                     if known:
                         e.sub_(lse[ids[s0:s1], None]).exp_()
-                    else:
-                        shift = e.amax(dim=1)
+                    else:  # first sight of these rows, over all concepts
+                        if row_top is not None:
+                            shift = row_top.update(ids[s0:s1], e, a)
+                        else:
+                            shift = e.amax(dim=1)
                         e.sub_(shift[:, None]).exp_()
                         ls = torch.log(e.sum(dim=1))
                         lse[ids[s0:s1]] = shift + ls

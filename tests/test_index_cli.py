@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -183,6 +184,27 @@ def test_stored_activations_and_labels_match_a_direct_computation(workspace):
             expected = [texts[i] for i in scores.argmax(1).tolist()]
             got = list(neurons["label"][neurons["layer"] == layer])
             assert got == expected
+        # per-image best concepts and softmax normaliser (taken from the scoring pass)
+        _assert_image_summaries(r, run["run_id"], p, a=10.0)
+
+
+def _assert_image_summaries(r, run_id: int, p: torch.Tensor, a: float) -> None:
+    """image_concepts / image_softmax of a run equal P's row maxima and logsumexp(a·P)."""
+    cids, _ = r.run_concepts(run_id)
+    emb_ids = list(r.image_embeddings()[0])
+    ids, lse = r.image_softmax(run_id)
+    rows_of = [emb_ids.index(i) for i in ids.tolist()]
+    np.testing.assert_allclose(lse, torch.logsumexp(a * p[rows_of], dim=1).numpy(), rtol=1e-5)
+    _, best = r.query(
+        "SELECT image_id, concept_id, similarity FROM image_concepts WHERE run_id = ? AND rank = 1",
+        [run_id],
+    )
+    best_of = {i: (c, s) for i, c, s in best}
+    assert sorted(best_of) == sorted(ids.tolist())
+    for i, row in zip(ids.tolist(), rows_of, strict=True):
+        c, s = best_of[i]
+        assert c == cids[int(p[row].argmax())]
+        assert s == pytest.approx(float(p[row].max()), abs=1e-5)
 
 
 def test_relabel_changes_labels_and_keeps_the_index_run(workspace, tmp_path):
@@ -213,6 +235,7 @@ def test_relabel_changes_labels_and_keeps_the_index_run(workspace, tmp_path):
             expected = similarity.cos(torch.from_numpy(acts).double(), p.double()).argmax(1)
             assert list(n3["label"][n3["layer"] == layer]) == [texts[i] for i in expected.tolist()]
         assert (n3["interpretable"] == (n3["similarity"] > 0.5)).all()
+        _assert_image_summaries(r, 3, p, a=10.0)  # cos forms no P rows: computed separately
         # the index run's rows are untouched
         assert len(r.neurons(1)["label"]) == sum(WIDTHS.values())
 
@@ -225,6 +248,36 @@ def test_relabel_with_same_settings_reproduces_labels(workspace, tmp_path):
         a, b = r.neurons(1), r.neurons(2)
         assert list(a["label"]) == list(b["label"])
         np.testing.assert_allclose(a["similarity"], b["similarity"], rtol=1e-5)
+
+
+def test_summary_prints_the_throughput_of_each_stage(workspace, tmp_path, capsys):
+    db = tmp_path / "rates.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    assert main(["relabel", str(db), "--concepts", "3k", "--clip", workspace["clip"].spec]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("time per stage:")]
+    assert len(lines) == 1, lines
+    assert re.search(r"concepts [\d.]+s \([\d,]+ texts/s\)", lines[0]), lines[0]
+    assert re.search(r"scoring [\d.]+s \([\d,]+ img/s\)", lines[0]), lines[0]
+    assert re.search(r"; total [\d.]+s$", lines[0]), lines[0]
+
+
+def test_stage_rates_use_each_stage_own_count():
+    from dissect_tui.indexer import IndexResult
+
+    result = IndexResult(
+        path=Path("x.duckdb"),
+        run_id=1,
+        n_images=1010,
+        n_failed=10,
+        failed_examples=[],
+        layers=[],
+        stage_seconds={"setup": 1.0, "images": 2.0, "concepts": 0.5, "scoring": 4.0, "write": 0.0},
+        n_concepts_encoded=100,
+    )
+    # images counts every file read; scoring only the decoded ones; a 0 s stage has no rate
+    assert result.stage_rates() == {"images": "505 img/s", "concepts": "200 texts/s", "scoring": "250 img/s"}
+    result.n_concepts_encoded = 0  # all embeddings reused: no text rate
+    assert "concepts" not in result.stage_rates()
 
 
 def test_ctrl_c_leaves_previous_cache_and_no_temp_files(workspace, monkeypatch, capsys):

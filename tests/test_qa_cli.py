@@ -57,6 +57,7 @@ def index_args(ws) -> list[str]:
         (["--cutoff", "nan"], "--cutoff"),
         (["--hp", "a=abc"], "a=abc"),
         (["--hp", "a=nan"], "finite"),
+        (["--hp", "a=0"], "greater than 0"),
         (["--hp", "top_k=2.5"], "whole number"),
         (["--hp", "top_k=0"], "at least 1"),
         (["--hp", "p_start=2"], "fraction"),

@@ -124,3 +124,31 @@ def test_top_images_ties_across_blocks(monkeypatch):
         ref = sorted(range(450), key=lambda i: (-acts[i, k].item(), i))[:60]
         assert idx[k].tolist() == ref
         assert torch.equal(vals[k], acts[ref, k])
+
+
+@pytest.mark.parametrize("method", ["soft_wpmi", "wpmi"])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_image_top_concepts_come_from_the_same_pass(method, budget):
+    acts, img, T = _emb()
+    plain = scoring.score_layers({"x": acts}, img, T, method, top_concepts=7, memory_budget=budget)["x"]
+    out = scoring.score_layers(
+        {"x": acts}, img, T, method, top_concepts=7, memory_budget=budget, image_top=3
+    )["x"]
+    P = img @ T.T
+    ref_vals, ref_idx = P.topk(3, dim=1)
+    assert torch.equal(out.image_top_concepts, ref_idx)
+    torch.testing.assert_close(out.image_top_sims, ref_vals, rtol=1e-10, atol=1e-12)
+    a = similarity.DEFAULTS[method]["a"]
+    torch.testing.assert_close(out.image_lse, torch.logsumexp(a * P, dim=1))
+    # collecting them changes no score
+    assert torch.equal(out.top_concepts, plain.top_concepts)
+    assert torch.equal(out.top_scores, plain.top_scores)
+    assert plain.image_top_concepts is None
+
+
+def test_image_top_is_clamped_and_absent_where_no_p_rows_are_formed():
+    acts, img, T = _emb(M=4)
+    out = scoring.score_layer(acts, img, T, "soft_wpmi", top_concepts=2, image_top=10)
+    assert out.image_top_concepts.shape == (acts.shape[0], 4)
+    for method in ("cos", "rank_reorder"):
+        assert scoring.score_layer(acts, img, T, method, image_top=3).image_top_concepts is None
