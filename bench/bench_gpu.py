@@ -188,6 +188,57 @@ def labels_by_layer(db: Path) -> dict[str, list[str]]:
     return out
 
 
+def disagreement(db_low: Path, db_ref: Path) -> dict:
+    """Why labels differ between a low-precision and an fp32 cache of the same images.
+
+    Separates the two sources of change: the target network (overlap of each neuron's top images)
+    and CLIP (cosine between the two runs' embeddings of each image); and says how close the
+    differing labels were (rank of the fp32 label in the low-precision run's list, score gap,
+    next to the usual gap between a neuron's best and second-best concept).
+    """
+    from dissect_tui.store import open_cache
+
+    def load(db: Path):
+        with open_cache(db) as r:
+            run_id = r.run()["run_id"]
+            ranked: dict[tuple[str, int], list[tuple[str, float]]] = {}
+            for layer, unit, _rank, text, score in r.neuron_concepts(run_id, limit=100):
+                ranked.setdefault((layer, int(unit)), []).append((text, float(score)))
+            _, rows = r.query("SELECT layer, unit, image_id FROM top_images")
+            tops: dict[tuple[str, int], set[int]] = {}
+            for layer, unit, image_id in rows:
+                tops.setdefault((layer, int(unit)), set()).add(int(image_id))
+            ids, emb = r.image_embeddings()
+        return ranked, tops, dict(zip(ids.tolist(), emb, strict=True))
+
+    low_ranked, low_tops, low_emb = load(db_low)
+    ref_ranked, ref_tops, ref_emb = load(db_ref)
+    ranks, gaps = [], []
+    for key, ref in ref_ranked.items():
+        low = low_ranked[key]
+        if low[0][0] == ref[0][0]:
+            continue
+        texts = [t for t, _ in low]
+        rank = texts.index(ref[0][0]) + 1 if ref[0][0] in texts else None
+        ranks.append(rank)
+        if rank is not None:
+            gaps.append(low[0][1] - low[rank - 1][1])
+    top2_gap = [v[0][1] - v[1][1] for v in low_ranked.values() if len(v) > 1]
+    overlap = [len(low_tops[k] & ref_tops[k]) / max(1, len(ref_tops[k])) for k in ref_tops]
+    common = sorted(set(low_emb) & set(ref_emb))
+    cos = [float(np.dot(low_emb[i], ref_emb[i])) for i in common]  # embeddings are unit length
+    return {
+        "differing": len(ranks),
+        "fp32_label_in_top5": float(np.mean([r is not None and r <= 5 for r in ranks])) if ranks else None,
+        "median_gap_differing": float(np.median(gaps)) if gaps else None,
+        "median_gap_top1_top2_all": float(np.median(top2_gap)) if top2_gap else None,
+        "top_image_overlap_mean": float(np.mean(overlap)) if overlap else None,
+        "top_image_overlap_min": float(np.min(overlap)) if overlap else None,
+        "embedding_cos_min": float(np.min(cos)) if cos else None,
+        "embedding_cos_median": float(np.median(cos)) if cos else None,
+    }
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -303,7 +354,21 @@ def main() -> None:
             )
             for layer, share in per_layer.items():
                 rep.line(f"    {layer:<8} {share:.2%} ({len(a[layer])} units)")
-            rep.save("bf16_vs_fp32", {"images": n_sub, "overall": agreement, "per_layer": per_layer})
+            why = disagreement(dbs["bf16"], dbs["fp32"])
+            rep.line(
+                "    why: {differing} labels differ; fp32 label in bf16's top 5: {fp32_label_in_top5}; "
+                "median score gap of those {median_gap_differing} vs {median_gap_top1_top2_all} between "
+                "any neuron's best two concepts".format(**why)
+            )
+            rep.line(
+                "    target side: top-image overlap mean {top_image_overlap_mean} (min {top_image_overlap_min}); "
+                "CLIP side: image embedding cos median {embedding_cos_median} (min {embedding_cos_min})".format(
+                    **why
+                )
+            )
+            rep.save(
+                "bf16_vs_fp32", {"images": n_sub, "overall": agreement, "per_layer": per_layer, "why": why}
+            )
 
         rep.line()
         rep.line(f"targets (issue 5), {args.images} images, {card}:")
