@@ -109,6 +109,45 @@ async def test_text_filter_matches_labels_and_top_concepts(cache):
         assert shown(app) == want
 
 
+async def test_text_filter_stays_under_a_concept_query(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"cat[x", "backspace", "backspace", "escape")
+        filtered = shown(app)
+        assert 0 < len(filtered) < 46
+        await pilot.press("c")  # the box empties for the query; the filter keeps applying
+        scr = main_screen(app)
+        box = scr.query_one("#filter")
+        assert box.value == "" and shown(app) == filtered
+        assert "filter “cat”" in str(scr.query_one("#status").render())
+        await pilot.press("escape", "slash")  # back to the text filter: the box shows it again
+        assert box.value == "cat" and shown(app) == filtered
+        await pilot.press("escape", "x")
+        assert len(shown(app)) == 46 and box.value == ""
+        await pilot.press("slash", *"[/b]", "escape", "c")  # markup-like text is shown as typed
+        assert "filter “[/b]”" in str(scr.query_one("#status").render())
+
+
+async def test_footer_hides_single_key_bindings_while_typing(cache):
+    def offered(app) -> set[str]:
+        return {b.binding.action for b in app.screen.active_bindings.values()}
+
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        await pilot.press("slash")
+        await pilot.pause()
+        typing = offered(app)
+        assert not typing & {"quit", "help", "sql", "cutoff(1)", "cutoff(-1)", "cycle_sort"}, typing
+        await pilot.press("q", "plus")  # typed, not run
+        assert main_screen(app).query_one("#filter").value == "q+" and app.return_code is None
+        await pilot.press("escape")
+        await pilot.pause()
+        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+
+
 ODD_TEXTS = ["50%", "it's", "ÜNÏCODE", "'; DROP TABLE neurons; --", "x" * 5000, '"%_\\', "   "]
 
 

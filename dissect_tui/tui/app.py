@@ -12,9 +12,16 @@ from typing import Any
 
 from textual.app import App
 from textual.binding import Binding
+from textual.widget import Widget
+from textual.widgets import Input, TextArea
 
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.sidecar import Sidecar, run_key, sidecar_path
+
+
+def is_text_entry(widget: Widget | None) -> bool:
+    """True while keys go to a text box: single-key bindings then type, so the footer hides them."""
+    return isinstance(widget, Input | TextArea)
 
 
 class BrowserApp(App):
@@ -47,6 +54,11 @@ class BrowserApp(App):
         self.run_info: dict[str, Any] = {}
         self._explainer: Any = None
         self._explainer_lock = threading.Lock()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("quit", "help", "sql") and is_text_entry(self.focused):
+            return False  # q ? : are typed into the box, not run
+        return True
 
     def on_mount(self) -> None:
         from dissect_tui.tui.main import MainScreen

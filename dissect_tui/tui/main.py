@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -18,6 +19,7 @@ from textual.worker import get_current_worker
 from dissect_tui.errors import UserError
 from dissect_tui.store.browse import NeuronTable as NeuronColumns
 from dissect_tui.store.browse import load_neuron_table, load_top_concepts
+from dissect_tui.tui.app import is_text_entry
 from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
 
@@ -163,12 +165,14 @@ class MainScreen(Screen):
         ]
         if f.layers:
             parts.append("layers " + ",".join(self.model.table.layers[i] for i in sorted(f.layers)))
+        if f.text and self.mode != "text":  # in text mode the box itself shows it
+            parts.append(f"filter “{escape(f.text)}”")
         if f.interpretable_only:
             parts.append(f"{INTERPRETABLE} only")
         if f.pinned_only:
             parts.append("pinned only")
         if self.model.query is not None:
-            parts.append(f"ranked by “{self.model.query.title}”")
+            parts.append(f"ranked by “{escape(self.model.query.title)}”")
         if self.mode == "concept":
             parts.append("[b]concept query[/b]: type, Enter")
         self.query_one("#status", Static).update(" · ".join(parts))
@@ -220,11 +224,14 @@ class MainScreen(Screen):
             if mode == "concept"
             else "/ filter labels and top concepts"
         )
+        # One box, two uses: a concept query starts empty, and the text filter stays applied
+        # underneath it (the status line names it) until it is edited again with / or cleared with x.
         box.value = "" if mode == "concept" else self.filters.text
-        if mode == "concept" and self.filters.text:
-            self.filters.text = ""
-            self.refresh_view()
         self._update_status()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # While the filter box has focus every key but Esc is text: don't offer + - s … in the footer.
+        return action == "back" or not is_text_entry(self.focused)
 
     def on_key(self, event) -> None:
         if event.key == "escape" and isinstance(self.focused, Input):
