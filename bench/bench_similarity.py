@@ -3,7 +3,9 @@
 Prints four tables:
   1. the target size: ResNet-50-like layers (64, 256, 512, 1024, 2048 neurons) × M concepts ×
      N images, D = 512, SoftWPMI by default: score_layers' wall time (top images of every layer
-     + the shared pass; top-image time per layer shown apart), CPU time and peak RSS;
+     + the shared pass; top-image time per layer shown apart), CPU time and peak RSS, and the
+     machine's matrix-product rate measured right after, with the floor it sets (the N×M×D
+     product of P alone);
   2. the indexer's scoring stage at the target size, which also stores each image's top-5
      concepts and softmax normaliser: computed by a second pass over P (as before) against
      collected inside the scoring pass (image_top=5), with the share of equal image labels;
@@ -73,6 +75,16 @@ def child(cfg: dict) -> dict:
         else:
             ids = torch.from_numpy(image_concept_summary(img, txt, 10.0)[0])
         out["image_best"] = ids[:, 0].tolist()
+    elif cfg["mode"] == "gemm":
+        # this machine's matrix-product rate on the shapes pmi_pass uses (64 MB output pieces)
+        rows = max(1, (64 << 20) // (4 * M))
+        out_t = torch.empty(rows, M)
+        torch.mm(img[:rows], txt.T, out=out_t)
+        reps, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < 3.0:
+            torch.mm(img[:rows], txt.T, out=out_t)
+            reps += 1
+        out["gflops"] = 2 * rows * M * D * reps / (time.perf_counter() - t1) / 1e9
     elif cfg["mode"] == "dense":
         acts = torch.cat(list(layers.values()), dim=1)
         scores = similarity.SIMILARITIES[cfg["method"]](acts, img @ txt.T)
@@ -162,6 +174,14 @@ def main() -> None:
         print(
             f"\ntotal wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss']:.2f} GB "
             f"(inputs {r['input_rss']:.2f} GB, scorer {r['peak_rss'] - r['input_rss']:.2f} GB); load {load()}"
+        )
+        # Wall times differ between machines mostly by their matrix-product rate: the N×M×D
+        # product of P is the floor of the stage, so its share says how much is left to gain.
+        gf = run({**cfg, "N": 20_000, "layers": [1], "mode": "gemm"})["gflops"]
+        floor = 2 * N * M * args.dim / gf / 1e9
+        print(
+            f"GEMM rate now {gf:.0f} GFLOP/s -> the N x M x D product alone takes {floor:.1f} s; "
+            f"the stage is {r['wall_s'] / floor:.2f}x that floor"
         )
 
     if "stage" not in skip:

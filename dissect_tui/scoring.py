@@ -269,6 +269,34 @@ def _rank_reorder_layer(
 # The wpmi / soft_wpmi engine
 
 
+_TOPK_CHUNK = 128
+
+
+def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(x, k, dim=1)`` for wide rows, about twice as fast on the CPU.
+
+    The k largest values of a row lie in the k chunks (of 128 columns) with the largest maxima:
+    a chunk holding one of them has a maximum at least that large, and at most k chunks can. So
+    one vectorised max over the row and a topk over a few hundred candidates replace a topk over
+    the whole row. Only the choice among exactly equal values may differ from torch.topk.
+    """
+    R, M = x.shape
+    C = _TOPK_CHUNK
+    n_chunks = -(-M // C)
+    if n_chunks <= 2 * k:
+        return torch.topk(x, k, dim=1, sorted=True)
+    body = M - M % C
+    cmax = x[:, :body].reshape(R, body // C, C).amax(dim=2)
+    if body < M:
+        cmax = torch.cat([cmax, x[:, body:].amax(dim=1, keepdim=True)], dim=1)
+    chunk = torch.topk(cmax, k, dim=1, sorted=False).indices
+    cols = (chunk[:, :, None] * C + torch.arange(C, device=x.device)).reshape(R, k * C)
+    past_end = cols >= M  # only in the short last chunk
+    cand = torch.gather(x, 1, cols.clamp(max=M - 1)).masked_fill_(past_end, -math.inf)
+    v, pos = torch.topk(cand, k, dim=1, sorted=True)
+    return v, torch.gather(cols, 1, pos)
+
+
 class RowTop:
     """Each image's best concepts, filled from a·P rows as pmi_pass forms them (values are P)."""
 
@@ -282,7 +310,7 @@ class RowTop:
 
         Returns each row's maximum of ``scaled``, which the softmax needs anyway.
         """
-        v, i = torch.topk(scaled, self.top, dim=1, sorted=True)
+        v, i = row_topk(scaled, self.top)
         self.idx[ids] = i
         self.vals[ids] = v / a
         return v[:, 0]
@@ -618,9 +646,8 @@ def _build_kernel():
         cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
         if cc is None or sys.platform == "win32":
             return None
-        digest = hashlib.sha256((_KERNEL_SRC + platform.machine() + platform.node()).encode()).hexdigest()[
-            :16
-        ]
+        # -march=native code must never be loaded on another CPU (a shared home directory).
+        digest = hashlib.sha256((_KERNEL_SRC + platform.machine() + _cpu_id()).encode()).hexdigest()[:16]
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect-tui" / "kernels"
         so = root / f"pmi_{digest}.so"
         if not so.exists():
@@ -630,16 +657,34 @@ def _build_kernel():
                 src.write_text(_KERNEL_SRC)
                 out = Path(tmp) / so.name
                 flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
-                subprocess.run(
-                    [cc, *flags, "-o", str(out), str(src), "-lm"],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
+                # 256-bit vectors (and 8-wide vector logf) are ~15% faster here, but gcc's tuning
+                # for some CPUs (znver1) picks 128; compilers without the option get the default.
+                for extra in (["-mprefer-vector-width=256"], []):
+                    try:
+                        subprocess.run(
+                            [cc, *flags, *extra, "-o", str(out), str(src), "-lm"],
+                            check=True,
+                            capture_output=True,
+                            timeout=120,
+                        )
+                        break
+                    except subprocess.CalledProcessError:
+                        if not extra:
+                            raise
                 os.replace(out, so)  # atomic: concurrent builders never load a half-written file
         return ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _cpu_id() -> str:
+    """The CPU model and feature flags (Linux), or the host name where /proc is not there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.node()
 
 
 def _run_kernel(fn, E: Tensor, acc: Tensor, start: Tensor, rows: Tensor, off: Tensor, neuron: Tensor) -> None:

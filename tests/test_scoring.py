@@ -146,6 +146,21 @@ def test_image_top_concepts_come_from_the_same_pass(method, budget):
     assert plain.image_top_concepts is None
 
 
+@pytest.mark.parametrize("M", [128 * 11, 128 * 11 + 37, 5000, 300])
+@pytest.mark.parametrize("k", [1, 5])
+def test_row_topk_equals_torch_topk(M, k):
+    g = torch.Generator().manual_seed(M + k)
+    x = torch.randn(40, M, generator=g, dtype=torch.float64)
+    x[0, 200:205] = 10.0 + torch.arange(5.0)  # all of a row's best in one chunk
+    x[1, -1] = 20.0  # best value in the short last chunk
+    x[2, ::128] = 30.0 + torch.arange(len(range(0, M, 128)), dtype=torch.float64)  # one per chunk
+    v, i = scoring.row_topk(x, k)
+    rv, ri = torch.topk(x, k, dim=1)
+    assert torch.equal(i, ri)
+    assert torch.equal(v, rv)
+    assert all(len(set(row)) == k for row in i.tolist())
+
+
 def test_image_top_is_clamped_and_absent_where_no_p_rows_are_formed():
     acts, img, T = _emb(M=4)
     out = scoring.score_layer(acts, img, T, "soft_wpmi", top_concepts=2, image_top=10)
