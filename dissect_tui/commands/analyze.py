@@ -148,6 +148,17 @@ def _similarity_matrix(encoder: Any, class_names: list[str], labels: list[str]) 
     return sim[:, [where[t] for t in labels]]
 
 
+def _class_layer_weights(reader: Any, args: argparse.Namespace) -> tuple[Any, np.ndarray, Any, list[str]]:
+    """The class layer of ``args`` with its stored weights W [C, K], bias and its inputs' labels."""
+    ctx = resolve_class_layer(reader, args.run, args.layer, args.classes, need_weights=True)
+    stored = reader.linear_weights(ctx.layer)
+    assert stored is not None  # resolve_class_layer checked
+    _, w, b = stored
+    if w.shape[0] != ctx.n_units:
+        raise UserError(f"stored weights of {ctx.layer} have {w.shape[0]} rows for {ctx.n_units} units")
+    return ctx, w, b, _input_labels(reader, ctx.run_id, ctx.input_layer, w.shape[1])
+
+
 def run_weights(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -159,13 +170,7 @@ def run_weights(args: argparse.Namespace) -> int:
     notes: list[str] = []
     path, reader = open_db(args.db)
     with reader:
-        ctx = resolve_class_layer(reader, args.run, args.layer, args.classes, need_weights=True)
-        stored = reader.linear_weights(ctx.layer)
-        assert stored is not None  # resolve_class_layer checked
-        _, w, _ = stored
-        if w.shape[0] != ctx.n_units:
-            raise UserError(f"stored weights of {ctx.layer} have {w.shape[0]} rows for {ctx.n_units} units")
-        labels = _input_labels(reader, ctx.run_id, ctx.input_layer, w.shape[1])
+        ctx, w, _, labels = _class_layer_weights(reader, args)
         encoders = {"clip": clip_text_encoder(reader, ctx.run, args.clip, args.device)}
         mp = mpnet_encoder(args.mpnet, args.device, notes)
         if mp is not None:
@@ -241,11 +246,7 @@ def run_predict(args: argparse.Namespace) -> int:
     notes: list[str] = []
     path, reader = open_db(args.db)
     with reader:
-        ctx = resolve_class_layer(reader, args.run, args.layer, args.classes, need_weights=True)
-        stored = reader.linear_weights(ctx.layer)
-        assert stored is not None
-        _, w, b = stored
-        labels = _input_labels(reader, ctx.run_id, ctx.input_layer, w.shape[1])
+        ctx, w, b, labels = _class_layer_weights(reader, args)
         logit_ids, logits = reader.layer_activations(ctx.layer)
         input_ids, inputs = reader.layer_activations(str(ctx.input_layer))
         common, il, ii = np.intersect1d(logit_ids, input_ids, return_indices=True)
