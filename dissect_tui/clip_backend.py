@@ -35,7 +35,6 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import urllib.error
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -47,12 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from dissect_tui.errors import OfflineError, UserError
+from dissect_tui.network import can_reach
 
 DEFAULT_CLIP = "ViT-B-16:openai"
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
 _FULL_HASH_LIMIT = 64 * 2**20  # hash small files whole; big ones by size + first/last MiB
-_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -370,31 +369,7 @@ def _hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _proxy_configured() -> bool:
-    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-
-
-def _can_reach(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) -> bool:
-    """Quick TCP probe so an offline machine fails in seconds, not after minutes of retries.
-
-    DNS lookup has no timeout of its own, so it runs in a daemon thread we stop waiting for.
-    Behind a proxy the direct probe means nothing, so we let the download try.
-    """
-    if _proxy_configured():
-        return True
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
+_can_reach = can_reach  # module attribute, so tests can stand in for the network
 
 
 def _is_network_error(exc: BaseException) -> bool:

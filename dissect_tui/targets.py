@@ -33,6 +33,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import urllib.parse
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from dissect_tui.errors import OfflineError, UserError
+from dissect_tui.network import can_reach
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,16 +206,22 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
     url: str = enum_member.url
     file_name = os.path.basename(url)
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+
+    def offline(reason: object) -> OfflineError:
+        return OfflineError(
+            f"could not download {enum_member} ({file_name} from {url}): {reason}. Put {file_name} "
+            f"in {checkpoints}, pass --weights path/to/{file_name}, or try --weights none (random init)"
+        )
+
+    host = urllib.parse.urlparse(url).hostname
+    if host and not (checkpoints / file_name).exists() and not can_reach(host):
+        raise offline(f"{host} cannot be reached")  # before torch.hub prints "Downloading: ..."
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return torchvision.models.get_model(name, weights=enum_member)
     except OSError as exc:  # URLError, socket errors, timeouts, disk full
-        reason = getattr(exc, "reason", None) or exc
-        raise OfflineError(
-            f"could not download {enum_member} ({file_name} from {url}): {reason}. Put {file_name} "
-            f"in {checkpoints}, pass --weights path/to/{file_name}, or try --weights none (random init)"
-        ) from exc
+        raise offline(getattr(exc, "reason", None) or exc) from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
         cached = checkpoints / file_name
         if cached.exists():

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tiny_models import TinyCNN, tiny_cnn, write_tiny_cnn_factory
 from torch import nn
 
+from dissect_tui import targets
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.targets import (
     LayerRecorder,
@@ -45,6 +46,7 @@ def offline_hub(tmp_path, monkeypatch):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(targets, "can_reach", lambda host: True)  # let the download itself fail
     return tmp_path / "hub" / "checkpoints", calls
 
 
@@ -93,6 +95,18 @@ def test_weights_names_resolve_and_offline_error(offline_hub):
         assert "--weights none" in message
         assert "\n" not in message
     assert calls == [url] * 5
+
+
+def test_unreachable_host_fails_before_torch_hub_says_downloading(offline_hub, monkeypatch, capfd):
+    checkpoints, calls = offline_hub
+    probed = []
+    monkeypatch.setattr(targets, "can_reach", lambda host: probed.append(host) or False)
+    with pytest.raises(OfflineError) as info:
+        load_target("resnet18", weights="IMAGENET1K_V1")
+    assert probed == ["download.pytorch.org"] and calls == []
+    assert "download.pytorch.org cannot be reached" in str(info.value)
+    assert "--weights path/to/resnet18-f37072fd.pth" in str(info.value)
+    assert "Downloading" not in capfd.readouterr().err
 
 
 def test_weights_in_hub_cache_are_used_without_download(offline_hub):
