@@ -163,6 +163,27 @@ def test_top_images_ties_and_clamp():
     assert idx.shape == (6, 50)
 
 
+@pytest.mark.parametrize("N", [3008, 3007])  # 3008 = 188 chunks of 16
+def test_top_images_by_chunk_maxima_equal_the_plain_topk(monkeypatch, N):
+    def not_here(*args):
+        raise AssertionError("N >> n should take the chunk-maximum path")
+
+    monkeypatch.setattr(sim, "_top_by_transposed_blocks", not_here)
+    monkeypatch.setattr(sim, "_TOPK_BLOCK_ELEMS", 21 * 16 * 3)  # 3 neurons per block
+    g = torch.Generator().manual_seed(N)
+    acts = torch.randn(N, 8, generator=g)
+    acts[:, 1] = torch.randint(0, 4, (N,), generator=g).float()  # many ties at the boundary
+    acts[:, 2] = 0  # a dead neuron
+    acts[32:64, 3] += 100  # every top image in two chunks
+    acts[-1, 4] = 100  # the best image in the short last chunk
+    acts[::16, 5] = torch.arange(0, N, 16, dtype=torch.float32) + 10  # one high value per chunk
+    acts[:, 6] = torch.randint(0, 50, (N,), generator=g).float()
+    idx, vals = sim.top_images(acts, 20)
+    for k in range(8):
+        assert idx[k].tolist() == _top(acts, k, 20), k
+        assert vals[k].tolist() == [float(acts[i, k]) for i in _top(acts, k, 20)]
+
+
 def _planted(transform, seed=0, N=2000, M=25, D=24, K=25):
     # Every concept is some neuron's: with λ = 1 a neuron that dominates a concept nobody else
     # prefers scores log K there (the prior saturates), so unplanted concepts would tie.
