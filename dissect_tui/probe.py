@@ -32,6 +32,7 @@ import io
 import os
 import pickle
 import tarfile
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from dissect_tui.errors import OfflineError, UserError
+from dissect_tui.network import can_reach
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -325,16 +327,23 @@ def _ensure_cifar(cache_dir: Path) -> Path:
         return folder
     from torchvision.datasets import CIFAR100
 
+    archive = cache_dir / CIFAR_ARCHIVE
+
+    def offline(reason: object) -> OfflineError:
+        state = " (the copy there is incomplete or corrupt)" if archive.exists() else ""
+        return OfflineError(
+            f"could not download {CIFAR_ARCHIVE} from {CIFAR_URL}: {reason}. "
+            f"Put {CIFAR_ARCHIVE} in {cache_dir}{state}, or pass --probe cifar100:/path/to/{CIFAR_FOLDER}"
+        )
+
+    host = urllib.parse.urlparse(CIFAR_URL).hostname
+    if host and not archive.exists() and not can_reach(host):
+        raise offline(f"{host} cannot be reached")  # before torchvision prints "Downloading ..."
     try:
         # torchvision reuses cache_dir/cifar-100-python.tar.gz when it is there and intact
         CIFAR100(root=str(cache_dir), train=False, download=True)
     except (OSError, RuntimeError) as exc:  # URLError, socket errors; "not found or corrupted"
-        archive = cache_dir / CIFAR_ARCHIVE
-        state = " (the copy there is incomplete or corrupt)" if archive.exists() else ""
-        raise OfflineError(
-            f"could not download {CIFAR_ARCHIVE} from {CIFAR_URL}: {getattr(exc, 'reason', None) or exc}. "
-            f"Put {CIFAR_ARCHIVE} in {cache_dir}{state}, or pass --probe cifar100:/path/to/{CIFAR_FOLDER}"
-        ) from exc
+        raise offline(getattr(exc, "reason", None) or exc) from exc
     return folder
 
 

@@ -177,11 +177,25 @@ def test_cifar_offline_names_archive_and_option(tmp_path, monkeypatch):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(probe_mod, "can_reach", lambda host: True)  # let the download itself fail
     with pytest.raises(OfflineError) as info:
         resolve_probe(["cifar100"], tmp_path / "cache")
     message = str(info.value)
     assert "cifar-100-python.tar.gz" in message and str(tmp_path / "cache") in message
     assert "cifar100:" in message and "\n" not in message
+
+
+def test_cifar_unreachable_host_fails_before_any_download_attempt(tmp_path, monkeypatch, capfd):
+    def no_download(*args, **kwargs):
+        raise AssertionError("no download may start when the host cannot be reached")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    monkeypatch.setattr(probe_mod, "can_reach", lambda host: host == "elsewhere")
+    with pytest.raises(OfflineError) as info:
+        resolve_probe(["cifar100"], tmp_path / "cache")
+    assert "www.cs.toronto.edu cannot be reached" in str(info.value)
+    assert "--probe cifar100:/path/to/cifar-100-python" in str(info.value)
+    assert "Downloading" not in capfd.readouterr().out
 
 
 def test_cifar_rows_are_not_pickled_to_workers(tmp_path):
