@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.weights_init import skipped_weight_init
 
 DEFAULT_CLIP = "ViT-B-16:openai"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -691,8 +692,10 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str = "cpu", precision: str = "f
 
     hub_hint = f"use a model whose text tower is built in, or a local cache of {name}"
     with _network_guard(f"building CLIP {label}", hub_hint), _quiet_open_clip():
-        # Seeded so that `none` gives the same random model (and embeddings) on every run.
-        with torch.random.fork_rng(devices=[]):
+        # Seeded so that `none` gives the same random model (and embeddings) on every run; a
+        # checkpoint (loaded strictly below) overwrites every weight, so none are drawn for it.
+        fills = skipped_weight_init() if checkpoint is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), fills:
             torch.manual_seed(0)
             model = open_clip.create_model(
                 reg_name,

@@ -48,6 +48,7 @@ from torchvision import transforms as T
 
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.weights_init import skipped_weight_init
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,7 +218,7 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
     if host and not (checkpoints / file_name).exists() and not can_reach(host):
         raise offline(f"{host} cannot be reached")  # before torch.hub prints "Downloading: ..."
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), skipped_weight_init():  # torchvision loads strictly
             warnings.simplefilter("ignore", FutureWarning)
             return torchvision.models.get_model(name, weights=enum_member)
     except OSError as exc:  # URLError, socket errors, timeouts, disk full
@@ -295,15 +296,14 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 def _fit_torchvision_model(name: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """Build `name` for `state`, resizing the classifier when the file has another class count."""
-    model = _seeded_build(lambda: torchvision.models.get_model(name, weights=None))
-    head = _last_linear(model)
-    if head is not None:
-        file_w = state.get(f"{head[0]}.weight")
-        if file_w is not None and file_w.ndim == 2 and file_w.shape[0] != head[1].out_features:
-            classes = int(file_w.shape[0])  # e.g. 365 for the Places365 ResNet-18
-            model = _seeded_build(
-                lambda: torchvision.models.get_model(name, weights=None, num_classes=classes)
-            )
+    with skipped_weight_init():  # _load_checked overwrites every weight or refuses the file
+        model = torchvision.models.get_model(name, weights=None)
+        head = _last_linear(model)
+        if head is not None:
+            file_w = state.get(f"{head[0]}.weight")
+            if file_w is not None and file_w.ndim == 2 and file_w.shape[0] != head[1].out_features:
+                classes = int(file_w.shape[0])  # e.g. 365 for the Places365 ResNet-18
+                model = torchvision.models.get_model(name, weights=None, num_classes=classes)
     _load_checked(model, state, path, name)
     return model
 

@@ -63,6 +63,21 @@ def test_loads_config_and_checkpoint(tiny, clip):
     assert not clip.model.training
 
 
+def test_checkpoint_load_leaves_nothing_uninitialised(tiny, clip):
+    # weights are not drawn before a checkpoint load (weights_init): every saved tensor must
+    # come from the file, and the unsaved buffers (causal mask) must be the normally built ones
+    saved = torch.load(tiny.checkpoint_path)
+    state = clip.model.state_dict()
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(state[key].cpu(), value), key
+    built = dict(load_clip(tiny.random_spec).model.named_buffers())
+    unsaved = {k: b for k, b in clip.model.named_buffers() if k not in saved}
+    assert unsaved, "the tiny model should have an unsaved buffer (attn_mask)"
+    for key, buf in unsaved.items():
+        assert torch.equal(buf, built[key]), key
+
+
 def test_none_is_seeded_random_init(tiny, clip):
     a = load_clip(tiny.random_spec)
     b = load_clip(tiny.random_spec)
