@@ -207,6 +207,7 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
     url: str = enum_member.url
     file_name = os.path.basename(url)
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = checkpoints / file_name
 
     def offline(reason: object) -> OfflineError:
         return OfflineError(
@@ -215,7 +216,7 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
         )
 
     host = urllib.parse.urlparse(url).hostname
-    if host and not (checkpoints / file_name).exists() and not can_reach(host):
+    if host and not cached.exists() and not can_reach(host):
         raise offline(f"{host} cannot be reached")  # before torch.hub prints "Downloading: ..."
     try:
         with warnings.catch_warnings(), skipped_weight_init():  # torchvision loads strictly
@@ -224,7 +225,6 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
     except OSError as exc:  # URLError, socket errors, timeouts, disk full
         raise offline(getattr(exc, "reason", None) or exc) from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        cached = checkpoints / file_name
         if cached.exists():
             raise UserError(
                 f"cached weights file {cached} is unreadable or corrupt ({_brief(exc)}); delete it and retry, "
