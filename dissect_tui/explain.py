@@ -101,8 +101,11 @@ class Explainer:
 
     # -- concept query ---------------------------------------------------------------------
     def encode(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        clip = self.clip()
-        emb = clip.encode_texts(texts, batch_size=64, on_batch=on_batch)
+        """Free texts encoded exactly as the run's concepts were (same tower, same template)."""
+        from dissect_tui.text_encoding import TextEncoder
+
+        encoder = TextEncoder(self.clip(), self.run.get("template"))
+        emb = encoder.encode(texts, batch_size=64, on_batch=on_batch)
         _, img, _ = self._image_data()
         if emb.shape[1] != img.shape[1]:
             raise UserError(

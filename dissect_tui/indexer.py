@@ -32,6 +32,7 @@ from dissect_tui.similarity import SIMILARITIES
 from dissect_tui.store import CacheWriter, cache_name, open_cache
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.writer import check_target
+from dissect_tui.text_encoding import TextEncoder, check_template, tower_key
 
 DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_PROBE = "cifar100"
@@ -175,21 +176,19 @@ def _autocast(device: torch.device, precision: str):
 def encode_concepts(
     texts: list[str],
     cached: dict[str, np.ndarray],
-    load_clip_model,
-    template: str | None,
+    encoder: TextEncoder,
     progress: ProgressSink,
 ) -> tuple[np.ndarray, int]:
     """Embeddings [M, D] for texts, encoding only those not in ``cached`` (text -> emb).
 
-    ``load_clip_model`` is called only when something must be encoded, so a relabel with
-    known concepts works without the CLIP weights. Returns (embeddings, number encoded).
+    The encoder loads its CLIP only when something must be encoded, so a relabel with known
+    concepts works without the CLIP weights. Returns (embeddings, number encoded).
     """
     missing = [t for t in texts if t not in cached]
     if missing:
-        clip_model = load_clip_model()
+        _ = encoder.clip  # load before the bar starts: loading is not encoding
         progress.start("concepts", len(missing), "texts")
-        prompts = [template.format(t) for t in missing] if template else missing
-        emb = clip_model.encode_texts(prompts, on_batch=lambda n: progress.advance("concepts", n))
+        emb = encoder.encode(missing, on_batch=lambda n: progress.advance("concepts", n))
         progress.finish("concepts")
         for text, vec in zip(missing, emb.cpu().numpy().astype(np.float32), strict=True):
             cached[text] = vec
@@ -271,21 +270,6 @@ def check_cutoff(cutoff: float) -> None:
 def check_top_n(option: str, n: int) -> None:
     if n < 1:
         raise UserError(f"{option} must be at least 1, got {n}")
-
-
-def check_template(template: str | None) -> None:
-    """A prompt template must hold exactly one ``{}`` where the concept goes."""
-    if not template:
-        return
-    try:
-        a, b = template.format("\x00a"), template.format("\x00b")
-    except (IndexError, KeyError, ValueError):
-        a = b = None
-    if a is None or a == b:
-        raise UserError(
-            f"--template {template!r}: write exactly one {{}} where the concept goes, e.g. "
-            '"a photo of {}" (a literal brace is written {{ or }})'
-        )
 
 
 def _softmax_temperature(similarity: str, hp: dict[str, Any]) -> float:
@@ -526,10 +510,11 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
 
     # -- concepts -------------------------------------------------------------------------
     texts = concept_set.texts
-    clip_key = clip_model.key if not s.template else f"{clip_model.key}|template={s.template}"
+    encoder = TextEncoder(clip_model, s.template)
+    clip_key = encoder.key
     with _stage(times, "concepts"):
         cached = _reuse_concept_embeddings(final_path, clip_key, texts)
-        concept_emb_np, n_encoded = encode_concepts(texts, cached, lambda: clip_model, s.template, progress)
+        concept_emb_np, n_encoded = encode_concepts(texts, cached, encoder, progress)
     if n_encoded < len(texts):
         notes.append(f"reused {len(texts) - n_encoded} concept embeddings from {final_path}")
     concept_emb = torch.from_numpy(concept_emb_np).to(device)
@@ -544,6 +529,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 clip_model=clip_model.name,
                 clip_pretrained=clip_model.pretrained,
                 clip_key=clip_key,
+                template=encoder.template,
                 probe=list(s.probe),
                 n_images=n,
                 n_failed_images=n_failed,
@@ -694,12 +680,8 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             set_name = base["concept_set"]
         else:
             texts, set_name = concept_set.texts, concept_set.name
-        template = s.template if s.template is not None else _template_of(base)
-        clip_key = (
-            index_run["clip_key"]
-            if not template
-            else f"{index_run['clip_key'].split('|')[0]}|template={template}"
-        )
+        template = s.template if s.template is not None else base.get("template")
+        tower = tower_key(index_run["clip_key"], index_run.get("template"))
 
         def load_text_tower():
             spec = s.clip or f"{index_run['clip_model']}:{index_run['clip_pretrained']}"
@@ -711,10 +693,12 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
                     "(pass --clip NAME:/path/to/checkpoint for a local copy)"
                 ) from None
 
+        encoder = TextEncoder(load_text_tower, template, tower=tower)
+        clip_key = encoder.key
         with _stage(times, "concepts"):
             cached = reader.embeddings_by_text(clip_key, texts)
             stored = set(cached)  # encode_concepts adds the new texts to cached
-            concept_emb_np, n_encoded = encode_concepts(texts, cached, load_text_tower, template, progress)
+            concept_emb_np, n_encoded = encode_concepts(texts, cached, encoder, progress)
         if n_encoded:
             notes.append(f"encoded {n_encoded} new concept texts")
         with _stage(times, "write"):
@@ -738,6 +722,7 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
                     )
                 },
                 clip_key=clip_key,
+                template=encoder.template,
                 concept_set=set_name,
                 n_concepts=len(texts),
                 layers=layers,
@@ -795,8 +780,3 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
         notes=notes,
         n_concepts_encoded=n_encoded,
     )
-
-
-def _template_of(run: dict[str, Any]) -> str | None:
-    key = run.get("clip_key") or ""
-    return key.split("|template=", 1)[1] if "|template=" in key else None

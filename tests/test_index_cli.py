@@ -381,3 +381,44 @@ def test_out_of_memory_retries_with_smaller_batches(workspace, tmp_path, monkeyp
                 a.layer_activations(layer)[1], b.layer_activations(layer)[1], rtol=1e-5
             )
         assert list(a.neurons(1)["label"]) == list(b.neurons(1)["label"])
+
+
+def test_template_is_a_field_of_the_run_and_the_browser_encodes_with_it(workspace, tmp_path):
+    """--template is stored in runs.template; relabel keeps it; the browser's free-text queries
+    are encoded exactly like the run's concepts (the bug: raw text against templated normalisers)."""
+    from dissect_tui.explain import Explainer
+    from dissect_tui.store.reader import CacheReader
+
+    db = tmp_path / "template.duckdb"
+    args = [a if a != str(workspace["db"]) else str(db) for a in workspace["args"]]
+    assert main([*args, "--concepts", "3k", "--template", "a photo of {}."]) == 0
+    assert main(["relabel", str(db), "--similarity", "wpmi", "--quiet"]) == 0
+    with open_cache(db) as r:
+        runs = r.runs()
+        assert [x["template"] for x in runs] == ["a photo of {}.", "a photo of {}."]
+        assert runs[0]["clip_key"] == runs[1]["clip_key"]
+        cids, texts = r.run_concepts(1)
+        stored = r.concept_embeddings(runs[0]["clip_key"], cids[:5])
+        ex = Explainer(lambda: CacheReader(r.con.cursor(), r.path), runs[0])
+        got = ex.encode(texts[:5]).numpy()
+        np.testing.assert_allclose(got, stored, atol=1e-5)
+        raw = ex.clip().encode_texts(texts[:5]).float().cpu().numpy()
+        assert np.abs(raw - stored).max() > 1e-3  # the template really changes the embeddings
+
+
+def test_version_1_cache_is_read_and_upgraded_by_relabel(workspace, tmp_path):
+    """A cache written before runs.template existed: its template comes from the clip_key suffix."""
+    db = tmp_path / "v1.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    with duckdb.connect(str(db)) as con:
+        con.execute("ALTER TABLE runs DROP COLUMN template")
+        con.execute("UPDATE runs SET clip_key = clip_key || '|template=a {} photo'")
+        con.execute("UPDATE concept_embeddings SET clip_key = clip_key || '|template=a {} photo'")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        con.execute("DELETE FROM meta WHERE key = 'format'")
+    with open_cache(db) as r:
+        assert r.run()["template"] == "a {} photo"
+    assert main(["relabel", str(db), "--similarity", "cos", "--quiet"]) == 0
+    with open_cache(db) as r:
+        assert [x["template"] for x in r.runs()] == ["a {} photo", "a {} photo"]
+        assert r.query("SELECT value FROM meta WHERE key = 'schema_version'")[1] == [("2",)]

@@ -66,6 +66,9 @@ def index_args(ws) -> list[str]:
         (["--template", "{0"], "--template"),
         (["--template", "{x}"], "--template"),
         (["--template", "no placeholder"], "--template"),  # every concept would get the same text
+        (["--template", "{:>100000000}"], "--template"),  # a format spec: 1 GB per 10 concepts
+        (["--template", "a {} {{x}}"], "--template"),  # only a plain {}: no escaped braces either
+        (["--template", "a\x1b]52;c;QQ==\x07 {}"], "--template"),  # control characters
     ],
 )
 def test_index_bad_values_fail_as_one_line(ws, capsys, extra, needle):
@@ -76,7 +79,7 @@ def test_index_bad_values_fail_as_one_line(ws, capsys, extra, needle):
 
 def test_index_good_template_passes_validation(ws, capsys):
     # The same run with a valid template gets past validation to the (empty) probe folder.
-    rc = main([*index_args(ws), "--template", "a photo of {} {{x}}", "--quiet"])
+    rc = main([*index_args(ws), "--template", "a photo of {}.", "--quiet"])
     assert "holds no images" in one_error_line(capsys, rc)
 
 

@@ -189,7 +189,9 @@ def clip_text_encoder(reader: Any, run: dict[str, Any], clip: str | None, device
         return ts.CachedTextEncoder(
             {}, lambda: ts.load_clip_text(clip, resolve_device(device)), f"CLIP {clip}"
         )
-    base_key = str(run.get("clip_key") or "").split("|template=", 1)[0]
+    from dissect_tui.text_encoding import tower_key
+
+    base_key = tower_key(str(run.get("clip_key") or ""), run.get("template"))
     stored = concept_embeddings_by_text(reader, base_key) if base_key else {}
     spec = f"{run.get('clip_model')}:{run.get('clip_pretrained')}"
 

@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 
 from dissect_tui.errors import CacheError
-from dissect_tui.store.schema import SCHEMA_VERSION
+from dissect_tui.store.schema import READABLE_VERSIONS, SCHEMA_VERSION
 
 DEFAULT_CACHE_DIR = Path("cache")
 
@@ -88,7 +88,7 @@ class CacheReader:
         except duckdb.Error:
             raise CacheError(f"{name} is a DuckDB file but not a dissect-tui cache (no meta table)") from None
         version = int(row[0][0]) if row else None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             newer = version is not None and version > SCHEMA_VERSION
             hint = "upgrade dissect-tui" if newer else "rebuild it with `dissect-tui index`"
             raise CacheError(
@@ -112,6 +112,9 @@ class CacheReader:
                         rec[key] = json.loads(rec[key])
                     except ValueError:
                         pass
+            if "template" not in rec:  # schema version 1 kept the template inside clip_key
+                key = str(rec.get("clip_key") or "")
+                rec["template"] = key.split("|template=", 1)[1] if "|template=" in key else None
             out.append(rec)
         return out
 

@@ -6,7 +6,16 @@ versions with a clear message instead of failing on a missing column.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this dissect-tui reads. 1 -> 2 added runs.template and the meta 'format' marker; a
+# version-1 cache is read as is (the template of its runs is recovered from clip_key) and is
+# upgraded in its copy when relabel or evaluate extends it.
+READABLE_VERSIONS = (1, 2)
+
+# Written into meta by dissect-tui only: together with schema_version it identifies a file as a
+# dissect-tui cache (a user's DuckDB file with a table named meta is never mistaken for one).
+FORMAT_KEY = "format"
+FORMAT_VALUE = "dissect-tui cache"
 
 # Tables, in creation order. The embedding width D is only known at index time, so
 # image/concept embeddings are created by `embedding_tables(dim)`.
@@ -25,7 +34,7 @@ CREATE TABLE runs (
     target_weights VARCHAR,
     clip_model VARCHAR,
     clip_pretrained VARCHAR,
-    clip_key VARCHAR,                   -- identity of the text tower (keys concept_embeddings)
+    clip_key VARCHAR,                   -- identity of the text tower + template (keys concept_embeddings)
     probe VARCHAR,                      -- JSON list of --probe specs
     n_images INTEGER,
     n_failed_images INTEGER,
@@ -40,7 +49,8 @@ CREATE TABLE runs (
     precision VARCHAR,
     batch_size INTEGER,
     stage_seconds VARCHAR,              -- JSON {stage: seconds}
-    settings VARCHAR                    -- JSON of every setting of the command
+    settings VARCHAR,                   -- JSON of every setting of the command
+    template VARCHAR                    -- prompt template of the concept texts, NULL: as written
 );
 CREATE TABLE layers (
     layer VARCHAR PRIMARY KEY,

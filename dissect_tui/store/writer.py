@@ -25,7 +25,7 @@ from PIL import Image
 
 from dissect_tui import __version__
 from dissect_tui.errors import CacheError
-from dissect_tui.store.schema import SCHEMA_VERSION, TABLES, VIEWS, embedding_tables
+from dissect_tui.store.schema import FORMAT_KEY, FORMAT_VALUE, SCHEMA_VERSION, TABLES, VIEWS, embedding_tables
 
 
 def _tmp_path(final: Path) -> Path:
@@ -125,8 +125,31 @@ class CacheWriter:
         if base is None:
             self.con.execute(TABLES)
             self.con.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?), ('created_by', ?), ('created_at', ?)",
-                [str(SCHEMA_VERSION), f"dissect-tui {__version__}", _now().isoformat()],
+                "INSERT INTO meta VALUES (?, ?), ('schema_version', ?), ('created_by', ?), ('created_at', ?)",
+                [
+                    FORMAT_KEY,
+                    FORMAT_VALUE,
+                    str(SCHEMA_VERSION),
+                    f"dissect-tui {__version__}",
+                    _now().isoformat(),
+                ],
+            )
+        else:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a copied older cache to SCHEMA_VERSION (1 -> 2: runs.template, the format marker)."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        if row and row[0][0] == "1":
+            self.con.execute("ALTER TABLE runs ADD COLUMN template VARCHAR")
+            self.con.execute(
+                "UPDATE runs SET template = split_part(clip_key, '|template=', 2) "
+                "WHERE contains(clip_key, '|template=')"
+            )
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            self.con.execute(
+                "INSERT INTO meta SELECT ?, ? WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = ?)",
+                [FORMAT_KEY, FORMAT_VALUE, FORMAT_KEY],
             )
 
     # -- lifecycle -------------------------------------------------------------------
