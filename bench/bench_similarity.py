@@ -44,7 +44,8 @@ def child(cfg: dict) -> dict:
     """One measured run; returns timings and memory as a dict."""
     import torch
 
-    from dissect_tui import scoring, similarity
+    from dissect_tui import scoring
+    from dissect_tui.methods import METHODS
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -87,7 +88,7 @@ def child(cfg: dict) -> dict:
         out["gflops"] = 2 * rows * M * D * reps / (time.perf_counter() - t1) / 1e9
     elif cfg["mode"] == "dense":
         acts = torch.cat(list(layers.values()), dim=1)
-        scores = similarity.SIMILARITIES[cfg["method"]](acts, img @ txt.T)
+        scores = METHODS[cfg["method"]].dense(acts, img @ txt.T)
         vals, idx = scores.topk(cfg["top"], dim=1)
         out["result"] = {"vals": vals.tolist(), "idx": idx.tolist()}
     else:

@@ -18,11 +18,25 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+from dissect_tui.text import printable
 
 if TYPE_CHECKING:
     from dissect_tui.indexer import IndexResult
 
 stderr = Console(stderr=True)
+
+
+def _plain(value: object) -> Text:
+    """Untrusted text (paths, labels, layer names) as a Text: never markup, no control characters."""
+    return Text(printable(value))
+
+
+def _summary_console() -> Console:
+    """The terminal's width on a terminal; redirected, lines as long as they need (no mid-sentence
+    wraps, no cut cells in a log file)."""
+    return stderr if stderr.is_terminal else Console(stderr=True, width=100_000, soft_wrap=True)
 
 
 class _Rate(TextColumn):
@@ -90,13 +104,17 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self._progress.console.print(f"[yellow]note:[/] {message}")
+            self._progress.console.print(Text("note: ", style="yellow") + _plain(message), soft_wrap=True)
 
 
 def print_summary(result: IndexResult, quiet: bool = False) -> None:
+    """The run's table of layers, time per stage and (for index) the image counts, on stderr.
+
+    Notes are not repeated: they were shown as they happened."""
     if quiet:
         return
-    table = Table(title=f"run {result.run_id}: {result.path}", title_justify="left")
+    out = _summary_console()
+    table = Table(title=_plain(f"run {result.run_id}: {result.path}"), title_justify="left")
     table.add_column("layer")
     table.add_column("neurons", justify="right")
     table.add_column("interpretable", justify="right")
@@ -104,19 +122,21 @@ def print_summary(result: IndexResult, quiet: bool = False) -> None:
     for s in result.layers:
         share = 100.0 * s.n_interpretable / s.n_units if s.n_units else 0.0
         labels = ", ".join(f"{label} ({count})" for label, count in s.common_labels)
-        table.add_row(s.layer, f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", labels)
-    stderr.print(table)
+        table.add_row(
+            _plain(s.layer), f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", _plain(labels)
+        )
+    out.print(table)
     rates = result.stage_rates()
     stages = ", ".join(
         f"{k} {v:.1f}s" + (f" ({rates[k]})" if k in rates else "") for k, v in result.stage_seconds.items()
     )
     total = sum(result.stage_seconds.values())
-    stderr.print(f"time per stage: {stages}; total {total:.1f}s", highlight=False, soft_wrap=True)
+    out.print(Text(f"time per stage: {stages}; total {total:.1f}s"), highlight=False, soft_wrap=True)
+    if result.kind != "index":
+        return
     ok = result.n_images - result.n_failed
-    stderr.print(f"images: {ok:,} decoded, {result.n_failed:,} skipped")
+    out.print(Text(f"images: {ok:,} decoded, {result.n_failed:,} skipped"), soft_wrap=True)
     for path, error in result.failed_examples:
-        stderr.print(f"  skipped {path}: {error}")
+        out.print(Text("  skipped ") + _plain(path) + Text(": ") + _plain(error), soft_wrap=True)
     if result.n_failed > len(result.failed_examples):
-        stderr.print("  (all skipped images: SELECT path, error FROM images WHERE NOT ok)")
-    for note in result.notes:
-        stderr.print(f"note: {note}")
+        out.print(Text("  (all skipped images: SELECT path, error FROM images WHERE NOT ok)"), soft_wrap=True)

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from . import similarity as sim
 from .errors import UserError
+from .methods import get_method, validate
 from .similarity import top_images
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "LayerScores", "score_layer", "score_layers", "top_images"]
@@ -72,16 +73,6 @@ class LayerScores:
     # the P rows the pass forms anyway, so the indexer needs no second N×M×D product.
     image_top_concepts: Tensor | None = None  # [N, image_top] long, best first
     image_top_sims: Tensor | None = None  # [N, image_top] P values
-
-
-def _hparams(method: str, hp: Mapping[str, float | int]) -> dict[str, float | int]:
-    if method not in sim.DEFAULTS:
-        raise UserError(f"unknown similarity {method!r}; choose one of {', '.join(sim.DEFAULTS)}")
-    unknown = set(hp) - set(sim.DEFAULTS[method])
-    if unknown:
-        allowed = ", ".join(sim.DEFAULTS[method]) or "none"
-        raise UserError(f"{method} takes no hyperparameter {', '.join(sorted(unknown))} (allowed: {allowed})")
-    return {**sim.DEFAULTS[method], **hp}
 
 
 def _float_dtype(*ts: Tensor) -> torch.dtype:
@@ -123,7 +114,7 @@ def score_layer(
 ) -> LayerScores:
     """Score one layer: ``acts`` [N, K], ``image_emb`` [N, D], ``concept_emb`` [M, D] (L2-normalised).
 
-    Same numbers as ``similarity.SIMILARITIES[method](acts, image_emb @ concept_emb.T, **hp)``,
+    Same numbers as ``methods.get_method(method).dense(acts, image_emb @ concept_emb.T, **hp)``,
     reduced to each neuron's ``top_concepts`` best. To score several layers of one network use
     ``score_layers``: wpmi/soft_wpmi then share one pass over the images.
     """
@@ -161,7 +152,7 @@ def score_layers(
     ``image_top_sims`` when ``image_top`` > 0 (wpmi/soft_wpmi only; other methods never form
     P rows, so the fields stay None).
     """
-    params = _hparams(method, hp)
+    params = validate(method, hp)
     if image_emb.ndim != 2 or concept_emb.ndim != 2 or image_emb.shape[1] != concept_emb.shape[1]:
         raise ValueError(
             f"embeddings must be [N, D] and [M, D], got {tuple(image_emb.shape)} and {tuple(concept_emb.shape)}"
@@ -178,7 +169,7 @@ def score_layers(
     Tm = concept_emb.to(dev, dt)
     T = max(1, min(int(top_concepts), M))
     names = list(layers)
-    if method in ("wpmi", "soft_wpmi"):
+    if get_method(method).uses_softmax:  # wpmi, soft_wpmi
         n = min(int(params["top_k"]), N)
         if method == "soft_wpmi":
             w = sim.soft_weights(

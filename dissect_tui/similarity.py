@@ -2,8 +2,9 @@
 
 Every function is ``f(acts, P, **hyperparameters) -> scores`` with ``acts`` [N images, K neurons],
 ``P`` [N images, M concepts] (P = I Tᵀ, cosine of image and concept embeddings) and the result
-[K, M]; the label of neuron k is ``scores[k].argmax()``. Defaults are the paper's (Appendix A.1,
-see DESIGN.md "Similarity functions"). Inputs may live on any device; float32 or float64 in gives
+[K, M]; the label of neuron k is ``scores[k].argmax()``. Hyperparameters are keyword arguments;
+their defaults (the paper's, Appendix A.1) and valid ranges live in ``dissect_tui.methods`` and are
+checked there (docs/METHOD.md has the formulas). Inputs may live on any device; float32 or float64 in gives
 the same dtype out. These functions receive P, so they may hold it, but they never build a second
 N×M matrix: Q = softmax(a·P) is produced one concept chunk at a time from a per-image logsumexp.
 
@@ -29,14 +30,13 @@ Conventions worth knowing:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from dissect_tui.methods import validate
+
 __all__ = [
-    "DEFAULTS",
-    "SIMILARITIES",
     "cos",
     "rank_baseline",
     "rank_reorder",
@@ -45,14 +45,6 @@ __all__ = [
     "top_images",
     "wpmi",
 ]
-
-# The paper's hyperparameters (Appendix A.1); scoring.py validates keyword arguments against these.
-DEFAULTS: dict[str, dict[str, float | int]] = {
-    "cos": {},
-    "rank_reorder": {"p": 3.0, "top_fraction": 0.05, "scale_p": 0.0, "seed": 0, "n_perm": 5},
-    "wpmi": {"a": 2.0, "lam": 0.6, "top_k": 28, "min_prob": 1e-7},
-    "soft_wpmi": {"a": 10.0, "lam": 1.0, "top_k": 100, "p_start": 0.998, "p_end": 0.97, "min_prob": 1e-7},
-}
 
 _NORM_EPS = 1e-12
 # Elements per temporary block; keeps the dense reference's working memory around 64 MB.
@@ -186,8 +178,9 @@ def rank_baseline(vals: Tensor, p: float = 3.0, seed: int = 0, n_perm: int = 5) 
     return out
 
 
-def cos(acts: Tensor, P: Tensor) -> Tensor:
+def cos(acts: Tensor, P: Tensor, **hp: float | int) -> Tensor:
     """Cosine similarity between each activation column q_k and each concept column P[:, m]."""
+    validate("cos", hp)
     _check(acts, P)
     dt = _dtype(acts, P)
     q = acts.to(dt)
@@ -197,15 +190,7 @@ def cos(acts: Tensor, P: Tensor) -> Tensor:
     return (qn.T @ Pd) / pnorm
 
 
-def rank_reorder(
-    acts: Tensor,
-    P: Tensor,
-    p: float = 3.0,
-    top_fraction: float = 0.05,
-    scale_p: float = 0.0,
-    seed: int = 0,
-    n_perm: int = 5,
-) -> Tensor:
+def rank_reorder(acts: Tensor, P: Tensor, **hp: float | int) -> Tensor:
     """Rank reorder: −(normalised error of reassigning q_k's top values in the order of P[:, m]).
 
     For the top ``top_fraction`` images of q_k, the image with the j-th largest P[:, m] gets the
@@ -213,6 +198,10 @@ def rank_reorder(
     random permutations. ``scale_p`` > 0 also divides by mean(P over the top images)^scale_p (the
     reference code uses 0.5; see the module docstring for why the default is 0).
     """
+    h = validate("rank_reorder", hp)
+    p, top_fraction, scale_p, seed, n_perm = (
+        h[k] for k in ("p", "top_fraction", "scale_p", "seed", "n_perm")
+    )
     _check(acts, P)
     dt = _dtype(acts, P)
     N, M = P.shape
@@ -271,34 +260,17 @@ def _pmi(
     return logp - lam * prior
 
 
-def wpmi(
-    acts: Tensor, P: Tensor, a: float = 2.0, lam: float = 0.6, top_k: int = 28, min_prob: float = 1e-7
-) -> Tensor:
+def wpmi(acts: Tensor, P: Tensor, **hp: float | int) -> Tensor:
     """WPMI: Σ_{i∈B_k} log(Q[i,t] + 1e-7) − λ·log p(t), B_k = top ``top_k`` images of q_k."""
+    h = validate("wpmi", hp)
     _check(acts, P)
-    return _pmi(acts, P, a, lam, min(int(top_k), P.shape[0]), None, min_prob)
+    return _pmi(acts, P, h["a"], h["lam"], min(int(h["top_k"]), P.shape[0]), None, h["min_prob"])
 
 
-def soft_wpmi(
-    acts: Tensor,
-    P: Tensor,
-    a: float = 10.0,
-    lam: float = 1.0,
-    top_k: int = 100,
-    p_start: float = 0.998,
-    p_end: float = 0.97,
-    min_prob: float = 1e-7,
-) -> Tensor:
+def soft_wpmi(acts: Tensor, P: Tensor, **hp: float | int) -> Tensor:
     """SoftWPMI: Σ_r log(1 + p_r(Q[x_r,t] − 1) + 1e-7) − λ·log p(t) over q_k's top ``top_k`` images."""
+    h = validate("soft_wpmi", hp)
     _check(acts, P)
-    n = min(int(top_k), P.shape[0])
-    w = soft_weights(n, top_k, p_start, p_end, dtype=_dtype(acts, P), device=P.device)
-    return _pmi(acts, P, a, lam, n, w, min_prob)
-
-
-SIMILARITIES: dict[str, Callable[..., Tensor]] = {
-    "cos": cos,
-    "rank_reorder": rank_reorder,
-    "wpmi": wpmi,
-    "soft_wpmi": soft_wpmi,
-}
+    n = min(int(h["top_k"]), P.shape[0])
+    w = soft_weights(n, int(h["top_k"]), h["p_start"], h["p_end"], dtype=_dtype(acts, P), device=P.device)
+    return _pmi(acts, P, h["a"], h["lam"], n, w, h["min_prob"])

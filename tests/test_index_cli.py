@@ -254,10 +254,14 @@ def test_summary_prints_the_throughput_of_each_stage(workspace, tmp_path, capsys
     db = tmp_path / "rates.duckdb"
     db.write_bytes(workspace["db"].read_bytes())
     assert main(["relabel", str(db), "--concepts", "3k", "--clip", workspace["clip"].spec]) == 0
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("time per stage:")]
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("time per stage:")]
     assert len(lines) == 1, lines
     assert re.search(r"concepts [\d.]+s \([\d,]+ texts/s\)", lines[0]), lines[0]
-    assert re.search(r"scoring [\d.]+s \([\d,]+ img/s\)", lines[0]), lines[0]
+    assert re.search(r"scoring [\d.]+s[,;]", lines[0]), lines[0]
+    assert "img/s" not in lines[0]  # relabel reads no image
+    assert "decoded" not in err  # nor does it claim to have decoded any
+    assert err.count("new concept texts") == 1, err  # a note is shown once, not again in the summary
     assert re.search(r"; total [\d.]+s$", lines[0]), lines[0]
 
 
@@ -267,6 +271,7 @@ def test_stage_rates_use_each_stage_own_count():
     result = IndexResult(
         path=Path("x.duckdb"),
         run_id=1,
+        kind="index",
         n_images=1010,
         n_failed=10,
         failed_examples=[],
@@ -274,8 +279,8 @@ def test_stage_rates_use_each_stage_own_count():
         stage_seconds={"setup": 1.0, "images": 2.0, "concepts": 0.5, "scoring": 4.0, "write": 0.0},
         n_concepts_encoded=100,
     )
-    # images counts every file read; scoring only the decoded ones; a 0 s stage has no rate
-    assert result.stage_rates() == {"images": "505 img/s", "concepts": "200 texts/s", "scoring": "250 img/s"}
+    # images counts every file read; stages that are not about images or texts have no rate
+    assert result.stage_rates() == {"images": "505 img/s", "concepts": "200 texts/s"}
     result.n_concepts_encoded = 0  # all embeddings reused: no text rate
     assert "concepts" not in result.stage_rates()
 
@@ -422,3 +427,16 @@ def test_version_1_cache_is_read_and_upgraded_by_relabel(workspace, tmp_path):
     with open_cache(db) as r:
         assert [x["template"] for x in r.runs()] == ["a {} photo", "a {} photo"]
         assert r.query("SELECT value FROM meta WHERE key = 'schema_version'")[1] == [("2",)]
+
+
+def test_hostile_path_in_the_summary_is_shown_as_text(workspace, tmp_path, capsys):
+    """A cache path holding markup and terminal escapes: the run succeeds and stderr carries
+    neither a parsed tag (crash) nor a live escape sequence (window title, clipboard)."""
+    folder = tmp_path / "runs[/z]"
+    folder.mkdir(parents=True)
+    db = folder / "a\x1b]0;pwned\x07[/x].duckdb"
+    args = [a if a != str(workspace["db"]) else str(db) for a in workspace["args"] if a != "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "\x1b]0;" not in err and "\x07" not in err
+    assert "runs[/z]" in err and "␛]0;pwned␇[/x].duckdb" in err

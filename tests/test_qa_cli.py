@@ -52,16 +52,25 @@ def index_args(ws) -> list[str]:
     ("extra", "needle"),
     [
         (["--batch-size", "0"], "--batch-size"),
+        (["--layers", ","], "--layers names no layer"),  # was silently the defaults
+        (["--layers", " , ,"], "--layers names no layer"),
+        (["--workers", "-1"], "--workers"),
         (["--top-images", "0"], "--top-images"),
         (["--top-concepts", "0"], "--top-concepts"),
         (["--cutoff", "nan"], "--cutoff"),
         (["--hp", "a=abc"], "a=abc"),
         (["--hp", "a=nan"], "finite"),
-        (["--hp", "a=0"], "greater than 0"),
+        (["--hp", "a=0"], "(0, 100]"),
         (["--hp", "top_k=2.5"], "whole number"),
-        (["--hp", "top_k=0"], "at least 1"),
-        (["--hp", "p_start=2"], "fraction"),
-        (["--similarity", "rank_reorder", "--hp", "top_fraction=0"], "fraction"),
+        (["--hp", "top_k=0"], "[1, 100000]"),
+        (["--hp", "p_start=2"], "(0, 1]"),
+        (["--hp", "lam=1e308"], "[0, 10]"),  # every score +inf, every neuron interpretable
+        (["--hp", "lam=-5"], "[0, 10]"),
+        (["--hp", "a=1e30"], "(0, 100]"),
+        (["--hp", "min_prob=0"], "min_prob"),
+        (["--hp", "p_end=0.999"], "must not exceed p_start"),
+        (["--similarity", "rank_reorder", "--hp", "p=1e9"], "(0, 10]"),
+        (["--similarity", "rank_reorder", "--hp", "top_fraction=0"], "top_fraction"),
         (["--template", "{} and {}"], "--template"),
         (["--template", "{0"], "--template"),
         (["--template", "{x}"], "--template"),
@@ -136,7 +145,7 @@ def test_weights_folder_is_named_as_a_folder(ws, capsys, monkeypatch, relative):
     [
         (["--cutoff", "nan"], "--cutoff"),
         (["--hp", "a=abc"], "a=abc"),
-        (["--similarity", "wpmi", "--hp", "top_k=-1"], "at least 1"),
+        (["--similarity", "wpmi", "--hp", "top_k=-1"], "top_k"),
         (["--top-concepts", "0"], "--top-concepts"),
         (["--template", "{} {}"], "--template"),
         (["--run", "99"], "no run 99"),
@@ -196,11 +205,10 @@ def test_bad_class_name_files_are_user_errors(tmp_path, data, needle):
 
 def test_hyperparameter_defaults_still_score(ws):
     # Validation must accept every similarity's own defaults (they are merged before checking).
-    from dissect_tui.indexer import _hyperparameters
-    from dissect_tui.similarity import SIMILARITIES
+    from dissect_tui.methods import METHODS
 
     acts, p = torch.rand(30, 3), torch.rand(30, 5)
-    for name, fn in SIMILARITIES.items():
-        hp = _hyperparameters(name, {})
-        assert _hyperparameters(name, hp) == hp  # each default passed back as an override
-        assert fn(acts, p, **hp).shape == (3, 5)
+    for method in METHODS.values():
+        hp = method.validate({})
+        assert method.validate(hp) == hp  # each default passed back as an override
+        assert method.dense(acts, p, **hp).shape == (3, 5)

@@ -7,6 +7,7 @@ import torch
 
 from dissect_tui import scoring, similarity
 from dissect_tui.errors import UserError
+from dissect_tui.methods import METHODS
 
 
 def _emb(N=150, M=40, D=12, K=9, seed=0, dtype=torch.float64):
@@ -21,18 +22,18 @@ def _emb(N=150, M=40, D=12, K=9, seed=0, dtype=torch.float64):
 BUDGETS = [1 << 30, 20_000, 4_000]
 
 
-@pytest.mark.parametrize("method", list(similarity.SIMILARITIES))
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_score_layer_equals_dense(method, budget):
     acts, img, T = _emb()
-    dense = similarity.SIMILARITIES[method](acts, img @ T.T)
+    dense = METHODS[method].dense(acts, img @ T.T)
     ref_vals, ref_idx = dense.topk(7, dim=1)
     out = scoring.score_layer(acts, img, T, method, top_concepts=7, memory_budget=budget)
     assert out.top_concepts.dtype == torch.long
     assert torch.equal(out.top_concepts, ref_idx)
     torch.testing.assert_close(out.top_scores, ref_vals, rtol=1e-10, atol=1e-10)
     if method in ("wpmi", "soft_wpmi"):
-        a = similarity.DEFAULTS[method]["a"]
+        a = METHODS[method].defaults()["a"]
         torch.testing.assert_close(out.image_lse, torch.logsumexp(a * (img @ T.T), dim=1))
     else:
         assert out.image_lse is None
@@ -42,7 +43,7 @@ def test_score_layer_equals_dense(method, budget):
 def test_hyperparameters_and_small_n(method):
     acts, img, T = _emb(N=30)  # fewer images than top_k: clamped
     hp = {"a": 5.0, "lam": 0.3, "top_k": 12}
-    dense = similarity.SIMILARITIES[method](acts, img @ T.T, **hp)
+    dense = METHODS[method].dense(acts, img @ T.T, **hp)
     out = scoring.score_layer(acts, img, T, method, top_concepts=40, memory_budget=50_000, **hp)
     assert out.top_scores.shape == (9, 40)
     ref_vals, ref_idx = dense.topk(40, dim=1)
@@ -138,7 +139,7 @@ def test_image_top_concepts_come_from_the_same_pass(method, budget):
     ref_vals, ref_idx = P.topk(3, dim=1)
     assert torch.equal(out.image_top_concepts, ref_idx)
     torch.testing.assert_close(out.image_top_sims, ref_vals, rtol=1e-10, atol=1e-12)
-    a = similarity.DEFAULTS[method]["a"]
+    a = METHODS[method].defaults()["a"]
     torch.testing.assert_close(out.image_lse, torch.logsumexp(a * P, dim=1))
     # collecting them changes no score
     assert torch.equal(out.top_concepts, plain.top_concepts)

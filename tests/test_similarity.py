@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dissect_tui import similarity as sim
+from dissect_tui.methods import METHODS
 
 
 def _inputs(N=40, K=5, M=7, D=8, seed=0, dtype=torch.float64):
@@ -133,11 +134,11 @@ def test_rank_reorder_seed():
     assert torch.equal(torch.rand(3), x)
 
 
-@pytest.mark.parametrize("name", list(sim.SIMILARITIES))
+@pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_and_shape(name, dtype):
     acts, P = _inputs(N=50, K=4, M=6, dtype=dtype)
-    out = sim.SIMILARITIES[name](acts, P)
+    out = METHODS[name].dense(acts, P)
     assert out.dtype == dtype
     assert out.shape == (4, 6)
     assert torch.isfinite(out).all()
@@ -145,7 +146,7 @@ def test_dtype_and_shape(name, dtype):
 
 def test_float32_close_to_float64():
     acts, P = _inputs(N=120, K=6, M=10)
-    for name, fn in sim.SIMILARITIES.items():
+    for name, fn in ((n, m.dense) for n, m in METHODS.items()):
         hi = fn(acts, P)
         lo = fn(acts.float(), P.float())
         torch.testing.assert_close(lo.double(), hi, rtol=1e-4, atol=1e-3, msg=name)
@@ -200,7 +201,7 @@ def _planted(transform, seed=0, N=2000, M=25, D=24, K=25):
 @pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "rank_reorder"])
 def test_planted_monotone(name):
     acts, P, planted = _planted(lambda x: torch.exp(6 * x))
-    labels = sim.SIMILARITIES[name](acts, P).argmax(1)
+    labels = METHODS[name].dense(acts, P).argmax(1)
     assert torch.equal(labels, planted)
 
 

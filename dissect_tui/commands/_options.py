@@ -1,4 +1,8 @@
-"""Option parsing shared by index and relabel."""
+"""Option parsing shared by index and relabel.
+
+Options default to None: the settings dataclasses (dissect_tui.settings) own every default, and
+help texts quote them from there so they cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 from typing import Any
 
 from dissect_tui.errors import UserError
+from dissect_tui.methods import DEFAULT_CUTOFF, DEFAULT_METHOD, METHOD_NAMES, METHODS
+from dissect_tui.settings import IndexSettings, default_of
 
 
 def parse_hyperparameters(pairs: list[str] | None) -> dict[str, Any]:
@@ -28,38 +34,54 @@ def parse_hyperparameters(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def split_list(values: list[str] | None) -> list[str] | None:
-    """Repeated and/or comma-separated values -> one list (None when not given)."""
-    if not values:
+    """Repeated and/or comma-separated values -> one list; None when the option was not given,
+    [] when it was given but names nothing (``--layers ,``): the settings refuse that."""
+    if values is None:
         return None
     return [v.strip() for chunk in values for v in chunk.split(",") if v.strip()]
 
 
-def add_scoring_options(p: argparse.ArgumentParser, defaults: bool) -> None:
-    from dissect_tui.similarity_names import SIMILARITY_NAMES
+def _hp_help() -> str:
+    ranges = "; ".join(f"{m.name}: {m.describe() or 'none'}" for m in METHODS.values())
+    return f"similarity hyperparameter, repeatable, e.g. --hp a=10 --hp lam=1 (defaults and valid ranges: {ranges})"
 
+
+def add_scoring_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """``defaults``: index (the documented defaults) or relabel (the base run's settings)."""
+    base = "the base run's"
     p.add_argument(
         "--similarity",
-        choices=SIMILARITY_NAMES,
-        default="soft_wpmi" if defaults else None,
-        help="similarity function (default: soft_wpmi%s)" % ("" if defaults else ", or the base run's"),
+        choices=METHOD_NAMES,
+        help=f"similarity function (default: {DEFAULT_METHOD if defaults else base})",
     )
-    p.add_argument(
-        "--hp",
-        action="append",
-        metavar="KEY=VALUE",
-        help="similarity hyperparameter, e.g. --hp a=10 --hp lam=1 (paper defaults otherwise)",
-    )
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE", help=_hp_help())
     p.add_argument(
         "--cutoff",
         type=float,
-        default=0.16 if defaults else None,
-        help="interpretability cutoff τ on the score (default 0.16, the paper's)",
+        help="interpretability cutoff τ on the score (default: "
+        + (f"{DEFAULT_CUTOFF}, the paper's, calibrated for soft_wpmi)" if defaults else f"{base})"),
     )
     p.add_argument(
-        "--template", help='prompt template for concept texts, e.g. "a photo of {}" (default: as written)'
+        "--template",
+        help='prompt template for concept texts with one {}, e.g. "a photo of {}" (default: '
+        + ("texts as written)" if defaults else f"{base})"),
     )
     p.add_argument(
-        "--top-concepts", type=int, default=100, help="top concepts stored per neuron (default 100)"
+        "--top-concepts",
+        type=int,
+        help=f"top concepts stored per neuron (default {default_of(IndexSettings, 'top_concepts')})",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--device", help="auto (CUDA, then MPS, else CPU; the default), cpu, cuda, cuda:N, mps")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+
+
+def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring options the user gave, as settings fields."""
+    return {
+        "similarity": args.similarity,
+        "hyperparameters": parse_hyperparameters(args.hp),
+        "cutoff": args.cutoff,
+        "template": args.template,
+        "top_concepts": args.top_concepts,
+        "device": args.device,
+    }

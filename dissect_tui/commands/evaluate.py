@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dissect_tui.errors import OfflineError, UserError
-from dissect_tui.similarity_names import SIMILARITY_NAMES
+from dissect_tui.methods import METHOD_NAMES
 
 SHIPPED_CLASSES = ("imagenet", "places365", "cifar100")
 CLASS_COUNTS = {1000: "imagenet", 365: "places365", 100: "cifar100"}
@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
     add_common_options(p)
     p.add_argument(
         "--similarity",
-        choices=("all", *SIMILARITY_NAMES),
+        choices=("all", *METHOD_NAMES),
         help="rescore the stored activations with this similarity function (all: the four side by "
         "side, paper Table 3) instead of evaluating the run's stored labels",
     )
@@ -99,11 +99,10 @@ class ClassLayer:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    """The device string for a text tower or rescoring (dissect_tui.runtime decides)."""
+    from dissect_tui.runtime import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve(device))
 
 
 def default_classes(target: str | None, n_units: int) -> str | None:
@@ -292,10 +291,10 @@ def index_run_key(run: dict[str, Any], index_run: dict[str, Any]) -> str:
 
 def rescore_ranks(scope: Scope, method: str, hp: dict[str, Any], n_concepts: int) -> np.ndarray:
     """[K, M] every concept index per unit, best first, by one similarity function."""
+    from dissect_tui.methods import get_method
     from dissect_tui.scoring import score_layer
-    from dissect_tui.similarity import DEFAULTS
 
-    known = DEFAULTS.get(method, {})  # a run records every setting; keep the scorer's own
+    known = get_method(method).defaults()  # a run records every setting; keep the scorer's own
     hp = {k: v for k, v in hp.items() if k in known}
     result = score_layer(
         scope.acts, scope.image_emb, scope.concept_emb, method, top_concepts=n_concepts, **hp
@@ -413,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         mp = mpnet_encoder(args.mpnet, args.device, notes)
         results: dict[str, LabelMetrics]
         if args.similarity:
-            methods = list(SIMILARITY_NAMES) if args.similarity == "all" else [args.similarity]
+            methods = list(METHOD_NAMES) if args.similarity == "all" else [args.similarity]
             results = _evaluate_rescored(reader, ctx, methods, args, enc, mp, notes)
         else:
             results = {str(ctx.run.get("similarity")): _evaluate_stored(reader, ctx, args, enc, mp, notes)}

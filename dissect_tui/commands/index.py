@@ -5,8 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dissect_tui.commands._options import add_scoring_options, parse_hyperparameters, split_list
+from dissect_tui.commands._options import add_scoring_options, scoring_options, split_list
 from dissect_tui.concepts import SHIPPED
+from dissect_tui.settings import (
+    BATCH_SIZE_ACCELERATOR,
+    BATCH_SIZE_CPU,
+    DECODES,
+    POOLS,
+    PRECISIONS,
+    IndexSettings,
+    default_of,
+)
+
+
+def _d(name: str) -> object:
+    return default_of(IndexSettings, name)
+
 
 EXAMPLES = """examples:
   dissect-tui index resnet50
@@ -42,71 +56,74 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="SPEC",
         help="probe images, repeatable (union): a folder, a text file listing image paths, cifar100, "
-        "cifar100-test, cifar100:/path/to/cifar-100-python, synthetic:N (default: cifar100)",
+        "cifar100-test, cifar100:/path/to/cifar-100-python, synthetic:N "
+        f"(default: {', '.join(_d('probe'))})",
     )
     p.add_argument(
-        "--concepts", default="20k", help=f"concept set: {', '.join(SHIPPED)} or a text file (default 20k)"
+        "--concepts", help=f"concept set: {', '.join(SHIPPED)} or a text file (default {_d('concepts')})"
     )
     p.add_argument(
         "--clip",
-        default="ViT-B-16:openai",
         metavar="NAME[:PRETRAINED]",
         help="open_clip model and pretrained tag, local checkpoint path or 'none'; NAME may be a model-config "
-        "JSON file (default ViT-B-16:openai)",
+        f"JSON file (default {_d('clip')})",
     )
-    p.add_argument("--pool", choices=("mean", "max"), default="mean", help="summary of conv maps over space")
+    p.add_argument("--pool", choices=POOLS, help=f"summary of conv maps over space (default {_d('pool')})")
     add_scoring_options(p, defaults=True)
-    p.add_argument("--top-images", type=int, default=100, help="top images stored per neuron (default 100)")
-    p.add_argument("--db", type=Path, help="output file (default cache/MODEL.duckdb)")
     p.add_argument(
-        "--cache-dir", type=Path, default=Path("cache"), help="home of caches and downloads (default ./cache)"
+        "--top-images", type=int, help=f"top images stored per neuron (default {_d('top_images')})"
+    )
+    p.add_argument("--db", type=Path, help="output file (default CACHE_DIR/MODEL.duckdb)")
+    p.add_argument(
+        "--cache-dir", type=Path, help=f"home of caches and downloads (default ./{_d('cache_dir')})"
     )
     p.add_argument(
         "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto: bf16 on CUDA, fp32 on CPU",
+        choices=PRECISIONS,
+        help="auto (the default): bf16 on CUDA, fp32 elsewhere",
     )
-    p.add_argument("--batch-size", type=int, help="images per batch (default 256 on CUDA, 32 on CPU)")
     p.add_argument(
-        "--workers", type=int, help="image decoding processes (default min(8, cores) on CUDA, 0 on CPU)"
+        "--batch-size",
+        type=int,
+        help=f"images per batch (default {BATCH_SIZE_ACCELERATOR} on an accelerator, {BATCH_SIZE_CPU} on CPU)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="image decoding processes (default min(8, cores) on an accelerator, 0 on CPU)",
     )
     p.add_argument(
         "--decode",
-        default="auto",
-        choices=("auto", "cpu", "gpu"),
+        choices=DECODES,
         help="where JPEGs are decoded and preprocessed: gpu = nvJPEG + tensor ops on CUDA (workers only "
         "read files; other formats and custom preprocessing fall back to PIL), cpu = PIL in the workers; "
-        "auto: gpu on CUDA when the preprocessing is standard, else cpu",
+        "auto (the default): gpu on CUDA when the preprocessing is standard, else cpu",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dissect_tui.console import RichProgress, print_summary
-    from dissect_tui.indexer import IndexSettings, run_index
+    from dissect_tui.indexer import run_index
 
-    settings = IndexSettings(
-        model=args.model,
-        weights=args.weights,
-        layers=split_list(args.layers),
-        probe=args.probe or ["cifar100"],
-        concepts=args.concepts,
-        clip=args.clip,
-        template=args.template,
-        pool=args.pool,
-        similarity=args.similarity,
-        hyperparameters=parse_hyperparameters(args.hp),
-        cutoff=args.cutoff,
-        top_images=args.top_images,
-        top_concepts=args.top_concepts,
-        db=args.db,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        decode=args.decode,
+    settings = IndexSettings.from_options(
+        {
+            "model": args.model,
+            "weights": args.weights,
+            "layers": split_list(args.layers),
+            "probe": args.probe,
+            "concepts": args.concepts,
+            "clip": args.clip,
+            "pool": args.pool,
+            "top_images": args.top_images,
+            "db": args.db,
+            "cache_dir": args.cache_dir,
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "decode": args.decode,
+            **scoring_options(args),
+        }
     )
     with RichProgress(quiet=args.quiet) as progress:
         result = run_index(settings, progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dissect_tui.commands._options import add_scoring_options, parse_hyperparameters
+from dissect_tui.commands._options import add_scoring_options, scoring_options
 from dissect_tui.concepts import SHIPPED
 
 
@@ -31,20 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dissect_tui.console import RichProgress, print_summary
-    from dissect_tui.indexer import RelabelSettings, run_relabel
+    from dissect_tui.indexer import run_relabel
+    from dissect_tui.settings import RelabelSettings
     from dissect_tui.store import resolve_cache
 
-    settings = RelabelSettings(
-        db=resolve_cache(args.db),
-        similarity=args.similarity,
-        hyperparameters=parse_hyperparameters(args.hp),
-        cutoff=args.cutoff,
-        concepts=args.concepts,
-        clip=args.clip,
-        template=args.template,
-        top_concepts=args.top_concepts,
-        device=args.device,
-        run=args.run,
+    settings = RelabelSettings.from_options(
+        {
+            "db": resolve_cache(args.db),
+            "concepts": args.concepts,
+            "clip": args.clip,
+            "run": args.run,
+            **scoring_options(args),
+        }
     )
     with RichProgress(quiet=args.quiet) as progress:
         result = run_relabel(settings, progress)
