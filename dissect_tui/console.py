@@ -28,15 +28,16 @@ if TYPE_CHECKING:
 stderr = Console(stderr=True)
 
 
-def _plain(value: object) -> Text:
+def output_console(stderr: bool = False) -> Console:
+    """A console for results: the terminal's width on a terminal; redirected, lines as long as they
+    need, so no number or name is cut or wrapped mid-word in a file or a pipe."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=100_000, soft_wrap=True)
+
+
+def plain(value: object) -> Text:
     """Untrusted text (paths, labels, layer names) as a Text: never markup, no control characters."""
     return Text(printable(value))
-
-
-def _summary_console() -> Console:
-    """The terminal's width on a terminal; redirected, lines as long as they need (no mid-sentence
-    wraps, no cut cells in a log file)."""
-    return stderr if stderr.is_terminal else Console(stderr=True, width=100_000, soft_wrap=True)
 
 
 class _Rate(TextColumn):
@@ -104,7 +105,7 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self._progress.console.print(Text("note: ", style="yellow") + _plain(message), soft_wrap=True)
+            self._progress.console.print(Text("note: ", style="yellow") + plain(message), soft_wrap=True)
 
 
 def print_summary(result: IndexResult, quiet: bool = False) -> None:
@@ -113,8 +114,8 @@ def print_summary(result: IndexResult, quiet: bool = False) -> None:
     Notes are not repeated: they were shown as they happened."""
     if quiet:
         return
-    out = _summary_console()
-    table = Table(title=_plain(f"run {result.run_id}: {result.path}"), title_justify="left")
+    out = output_console(stderr=True)
+    table = Table(title=plain(f"run {result.run_id}: {result.path}"), title_justify="left")
     table.add_column("layer")
     table.add_column("neurons", justify="right")
     table.add_column("interpretable", justify="right")
@@ -123,7 +124,7 @@ def print_summary(result: IndexResult, quiet: bool = False) -> None:
         share = 100.0 * s.n_interpretable / s.n_units if s.n_units else 0.0
         labels = ", ".join(f"{label} ({count})" for label, count in s.common_labels)
         table.add_row(
-            _plain(s.layer), f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", _plain(labels)
+            plain(s.layer), f"{s.n_units:,}", f"{s.n_interpretable:,} ({share:.0f}%)", plain(labels)
         )
     out.print(table)
     rates = result.stage_rates()
@@ -137,6 +138,6 @@ def print_summary(result: IndexResult, quiet: bool = False) -> None:
     ok = result.n_images - result.n_failed
     out.print(Text(f"images: {ok:,} decoded, {result.n_failed:,} skipped"), soft_wrap=True)
     for path, error in result.failed_examples:
-        out.print(Text("  skipped ") + _plain(path) + Text(": ") + _plain(error), soft_wrap=True)
+        out.print(Text("  skipped ") + plain(path) + Text(": ") + plain(error), soft_wrap=True)
     if result.n_failed > len(result.failed_examples):
         out.print(Text("  (all skipped images: SELECT path, error FROM images WHERE NOT ok)"), soft_wrap=True)

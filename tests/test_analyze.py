@@ -301,3 +301,19 @@ def test_all_analyses_on_the_factory_cache(tmp_path, capsys, monkeypatch) -> Non
     assert analyses == {"weights", "predict", "interpretability", "evaluate"}
     got = metrics_of(db, "predict")
     assert 0.0 <= got["accuracy"] <= 1.0 and got["n_images"] == 80
+
+
+def test_redirected_output_is_never_cut_and_hostile_names_are_text(tmp_path, capsys) -> None:
+    """Piped to a file, tables keep every name and number whole; names from the cache can neither
+    inject markup ([/x] crashed) nor terminal escapes."""
+    hostile = "layer[/x]_\x1b]0;pwned\x07_with_a_rather_long_descriptive_name_" + "x" * 60
+    db = make_cache(tmp_path / "h.duckdb", layers={hostile: 8, "fc": 10})
+    rc = main(["analyze", "interpretability", str(db), "--levels", "0.1,0.25,0.5,0.75,0.9,0.95,0.99"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "layer[/x]_␛]0;pwned␇_with_a_rather_long_descriptive_name_" + "x" * 60 in out
+    assert "…" not in out  # no cell is cut
+    with open_cache(db) as r:
+        scores = r.neurons(1)["similarity"]
+    assert f"{np.quantile(scores, 0.5):.3f}"[:3] in out

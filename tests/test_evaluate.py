@@ -467,7 +467,7 @@ def test_evaluate_without_weights_falls_back_to_fc(tmp_path, capsys) -> None:
 
 
 def test_default_classes_from_target() -> None:
-    from dissect_tui.commands.evaluate import default_classes
+    from dissect_tui.evaluation_data import default_classes
 
     assert default_classes("resnet50", 1000) == "imagenet"
     assert default_classes("vit_b_16", 1000) == "imagenet"

@@ -85,3 +85,34 @@ def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
         "top_concepts": args.top_concepts,
         "device": args.device,
     }
+
+
+def add_common_options(p: argparse.ArgumentParser, mpnet: bool = True, classes: bool = True) -> None:
+    """Options shared by evaluate and the analyze subcommands."""
+    p.add_argument("db", help="cache file (or a model name: cache/NAME.duckdb)")
+    p.add_argument("--run", type=int, help="run id (default: the latest)")
+    if classes:
+        p.add_argument(
+            "--layer",
+            help="the classifier layer whose units are classes (default: the one with stored weights)",
+        )
+        p.add_argument(
+            "--classes",
+            metavar="imagenet|places365|cifar100|FILE",
+            help="class names in unit order (default: from the target and the unit count)",
+        )
+        p.add_argument(
+            "--clip",
+            metavar="SPEC",
+            help="CLIP for the text similarity of every text, e.g. ViT-B-16:/path/weights.pt (default: the "
+            "run's stored text embeddings, loading the run's CLIP only for texts the cache lacks)",
+        )
+    if mpnet:
+        p.add_argument(
+            "--mpnet",
+            metavar="MODEL|none",
+            help="sentence-transformers model name or local folder for the mpnet similarity "
+            "(default all-mpnet-base-v2; skipped with a note when unavailable), none to skip",
+        )
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--no-save", action="store_true", help="print only; do not store the metrics in the cache")

@@ -20,15 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from dissect_tui.commands.evaluate import (
-    add_common_options,
+from dissect_tui.commands._options import add_common_options
+from dissect_tui.errors import UserError
+from dissect_tui.evaluation_data import (
     clip_text_encoder,
     mpnet_encoder,
     open_db,
     resolve_class_layer,
     store_rows,
 )
-from dissect_tui.errors import UserError
+from dissect_tui.methods import DEFAULT_CUTOFF, DEFAULT_METHOD
 
 DEFAULT_LEVELS = "0.1,0.25,0.5,0.75,0.9"
 
@@ -160,13 +161,13 @@ def _class_layer_weights(reader: Any, args: argparse.Namespace) -> tuple[Any, np
 
 
 def run_weights(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
+    from dissect_tui.console import output_console, plain
     from dissect_tui.evaluation import weight_similarity
 
-    console = Console()
+    console = output_console()
     notes: list[str] = []
     path, reader = open_db(args.db)
     with reader:
@@ -183,10 +184,12 @@ def run_weights(args: argparse.Namespace) -> int:
         }
 
     console.print(
-        f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · W {w.shape[0]}×{w.shape[1]} · classes "
-        f"{ctx.classes_spec}\nk-th: similarity(class c, label of the neuron with c's k-th highest weight), "
-        "mean over classes; mean top-k: the same averaged over the k highest weights",
-        markup=False,
+        plain(f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · W {w.shape[0]}×{w.shape[1]} · classes ")
+        + plain(ctx.classes_spec)
+        + Text(
+            "\nk-th: similarity(class c, label of the neuron with c's k-th highest weight), "
+            "mean over classes; mean top-k: the same averaged over the k highest weights"
+        )
     )
     table = Table()
     table.add_column("k", justify="right")
@@ -204,7 +207,8 @@ def run_weights(args: argparse.Namespace) -> int:
             f"{r.corr_top:.4f} over the top {r.n_top:,}"
         )
     console.print(
-        f"\n{encoders['clip'].name} similarity by weight rank (last bar: mean over all weights)", markup=False
+        Text("\n")
+        + plain(f"{encoders['clip'].name} similarity by weight rank (last bar: mean over all weights)")
     )
     clip = results["clip"]
     plot = bar_plot([f"k={k}" for k in clip.ks] + ["all"], clip.kth + [clip.all_mean])
@@ -212,7 +216,7 @@ def run_weights(args: argparse.Namespace) -> int:
     if getattr(encoders["clip"], "n_encoded", 0):
         notes.append(f"{encoders['clip'].n_encoded} texts were encoded with {encoders['clip'].name}")
     for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(Text("note: ", style="yellow") + plain(note))
 
     if not args.no_save:
         details = json.dumps(
@@ -225,7 +229,7 @@ def run_weights(args: argparse.Namespace) -> int:
             }
         )
         rows = [(m, v, details) for key, r in results.items() for m, v in r.rows(key)]
-        console.print(escape(store_rows(path, [(ctx.run_id, "weights", rows)])))
+        console.print(plain(store_rows(path, [(ctx.run_id, "weights", rows)])))
     return 0
 
 
@@ -236,13 +240,13 @@ def run_weights(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
+    from dissect_tui.console import output_console, plain
     from dissect_tui.evaluation import predict_from_descriptions
 
-    console = Console()
+    console = output_console()
     notes: list[str] = []
     path, reader = open_db(args.db)
     with reader:
@@ -267,8 +271,9 @@ def run_predict(args: argparse.Namespace) -> int:
         )
 
     console.print(
-        f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · classes {ctx.classes_spec} · {res.n_images:,} images",
-        markup=False,
+        plain(
+            f"run {ctx.run_id} · {ctx.layer} ← {ctx.input_layer} · classes {ctx.classes_spec} · {res.n_images:,} images"
+        )
     )
     console.print(
         f"[bold]prediction from descriptions agrees with the network on {100 * res.accuracy:.2f}%[/] of probe "
@@ -288,15 +293,15 @@ def run_predict(args: argparse.Namespace) -> int:
         mask = res.neuron == j
         agree = float(np.mean(res.description_pred[mask] == res.network_pred[mask]))
         table.add_row(
-            f"{ctx.input_layer}:{j}",
-            escape(labels[j]),
-            escape(ctx.class_names[label_class[j]]),
+            plain(f"{ctx.input_layer}:{j}"),
+            plain(labels[j]),
+            plain(ctx.class_names[label_class[j]]),
             f"{count:,}",
             f"{100 * agree:.0f}%",
         )
     console.print(table)
     for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(Text("note: ", style="yellow") + plain(note))
 
     if not args.no_save:
         details = json.dumps(
@@ -313,7 +318,7 @@ def run_predict(args: argparse.Namespace) -> int:
             ("n_images", float(res.n_images), details),
             ("linear_agreement", res.linear_agreement, details),
         ]
-        console.print(escape(store_rows(path, [(ctx.run_id, "predict", rows)])))
+        console.print(plain(store_rows(path, [(ctx.run_id, "predict", rows)])))
     return 0
 
 
@@ -336,14 +341,14 @@ def parse_levels(text: str) -> list[float]:
 
 def run_interpretability(args: argparse.Namespace) -> int:
     from rich import box
-    from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
+    from dissect_tui.console import output_console, plain
     from dissect_tui.evaluation import crossing_thresholds, interpretable_fraction
     from dissect_tui.store.metrics import labelled_layers, layer_labels
 
-    console = Console()
+    console = output_console()
     levels = parse_levels(args.levels)
     path, reader = open_db(args.db)
     with reader:
@@ -357,7 +362,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
         raise UserError(f"run {rid} has no labelled neurons")
 
     table = Table(
-        title=f"run {rid} · {run.get('similarity')} scores · interpretable: score > τ = {tau:g}",
+        title=plain(f"run {rid} · {run.get('similarity')} scores · interpretable: score > τ = {tau:g}"),
         title_justify="left",
         box=box.SIMPLE_HEAD,  # light borders leave room for the levels at 80 columns
     )
@@ -373,7 +378,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
         frac = interpretable_fraction(s, tau)
         crossings = crossing_thresholds(s, levels)
         table.add_row(
-            layer,
+            plain(layer),
             f"{len(s):,}",
             f"{100 * frac:.1f}%",
             hbar(frac, 0.0, 1.0, 5),
@@ -387,10 +392,11 @@ def run_interpretability(args: argparse.Namespace) -> int:
         "> τ: share of neurons scoring above τ; τ@L: for any cutoff below this value at least L of the layer's neurons are interpretable "
         "(the ⌈L·K⌉-th highest score)"
     )
-    if run.get("similarity") != "soft_wpmi":
-        console.print(
-            f"[yellow]note:[/] τ = 0.16 is calibrated for soft_wpmi; this run used {run.get('similarity')}"
+    if run.get("similarity") != DEFAULT_METHOD:
+        note = (
+            f"τ = {DEFAULT_CUTOFF} is calibrated for {DEFAULT_METHOD}; this run used {run.get('similarity')}"
         )
+        console.print(Text("note: ", style="yellow") + plain(note))
     if not args.no_save:
-        console.print(escape(store_rows(path, [(rid, "interpretability", rows)])))
+        console.print(plain(store_rows(path, [(rid, "interpretability", rows)])))
     return 0
