@@ -59,7 +59,7 @@ class Param:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}" if not float(x).is_integer() or abs(x) >= 1e6 else str(int(x))
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Method:
 
     def describe(self) -> str:
         """One line per parameter, for --help and docs."""
-        return "; ".join(f"{p.name}={_fmt(p.default)} in {p.interval()}" for p in self.params)
+        return "; ".join(f"{p.name}={p.default:g} in {p.interval()}" for p in self.params)
 
 
 SOFT_WPMI_A = 10.0

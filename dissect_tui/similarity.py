@@ -18,7 +18,7 @@ Conventions worth knowing:
 - When N is smaller than a top-n size, n is clamped to N (rank reorder keeps at least 2 images).
   SoftWPMI's p_r keeps its denominator at the requested ``top_k`` so p_r of a rank never changes.
 - rank_reorder: the reference code additionally divides the error by mean(P over the top
-  images)^0.5. Here that is ``scale_p`` and it defaults to 0 (off): DESIGN.md defines
+  images)^0.5. Here that is ``scale_p`` and it defaults to 0 (off): docs/METHOD.md defines
   score = −err, and the division is undefined when that mean is ≤ 0 (the reference returns NaN)
   and rewards concepts that are close to every image rather than ones that order the top images.
   ``scale_p=0.5`` reproduces the reference (the mean is clamped at 1e-6 so it never gives NaN).

@@ -36,7 +36,7 @@ def explainer(path) -> tuple[Explainer, object]:
 
 
 def soft_wpmi_reference(top_rows, img, lse, new, a=10.0, lam=1.0):
-    """DESIGN.md's SoftWPMI for a text added to the run's concept set, written out in numpy."""
+    """docs/METHOD.md's SoftWPMI for a text added to the run's concept set, written out in numpy."""
     ap = a * (img @ new.T)  # [N, C]
     logq = ap - np.logaddexp(lse[:, None], ap)
     k, r = top_rows.shape
