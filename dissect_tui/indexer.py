@@ -38,6 +38,8 @@ from dissect_tui.settings import (
     IndexSettings,
     RelabelSettings,
     check_cutoff,
+    resolve_cutoff,
+    uncalibrated_cutoff_note,
 )
 from dissect_tui.store import CacheWriter, open_cache
 from dissect_tui.store.reader import CacheReader
@@ -135,6 +137,10 @@ class RunScores:
     image_top: np.ndarray  # [N, IMAGE_CONCEPTS_TOP]
     image_sims: np.ndarray  # [N, IMAGE_CONCEPTS_TOP]
     image_lse: np.ndarray  # [N]
+
+    def labels_scores(self) -> np.ndarray:
+        """Every neuron's label score (its best concept's), all layers."""
+        return np.concatenate([top_s[:, 0] for _, top_s in self.layers.values()])
 
 
 def image_concept_summary(
@@ -316,7 +322,12 @@ def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> ImageP
 
 
 def index_run_record(
-    s: IndexSettings, setup: IndexSetup, images: ImagePass, encoder: TextEncoder, hp: dict[str, Any]
+    s: IndexSettings,
+    setup: IndexSetup,
+    images: ImagePass,
+    encoder: TextEncoder,
+    hp: dict[str, Any],
+    cutoff: float,
 ) -> dict[str, Any]:
     """The runs row of an index run (stage_seconds are added at the end)."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
@@ -338,7 +349,7 @@ def index_run_record(
         "pool": s.pool,
         "similarity": s.similarity,
         "hyperparameters": hp,
-        "cutoff": s.cutoff,
+        "cutoff": cutoff,
         "device": device_label(setup.device),
         "precision": setup.precision,
         "batch_size": setup.batch_size,
@@ -423,6 +434,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     s = settings
     clock = StageClock(progress or NullProgress())
     hp = s.validate()
+    cutoff, calibrated = resolve_cutoff(s.similarity, s.cutoff)
     final_path = s.db_path()
     check_target(final_path)
     with clock("setup"):
@@ -439,7 +451,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
 
     with CacheWriter(final_path) as writer:
         with clock("write"):
-            run_id = writer.add_run(**index_run_record(s, setup, images, encoder, hp))
+            run_id = writer.add_run(**index_run_record(s, setup, images, encoder, hp, cutoff))
             concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
         thumb_ids = write_activations(writer, images, setup.layers, s, clock)
         with clock("scoring"):
@@ -448,7 +460,9 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 images.acts, images.image_emb, concept_t, s.similarity, hp, s.top_concepts, clock.progress
             )
         with clock("write"):
-            summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, s.cutoff)
+            summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, cutoff)
+            if not calibrated:
+                clock.note(uncalibrated_cutoff_note(s.similarity, cutoff, scores.labels_scores()))
             writer.write_thumbnails(
                 {i: images.thumbnails[i] for i in sorted(thumb_ids) if i in images.thumbnails}
             )
@@ -474,17 +488,21 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
 # -- relabel ------------------------------------------------------------------------------
 def _relabel_inputs(
     s: RelabelSettings, base: dict[str, Any]
-) -> tuple[str, dict[str, float | int], float, ConceptSet | None]:
-    """Method, complete hyperparameters, cutoff and (optional) new concept set of a relabel."""
+) -> tuple[str, dict[str, float | int], tuple[float, bool], ConceptSet | None]:
+    """Method, complete hyperparameters, (cutoff, calibrated) and the new concept set, if any.
+
+    The base run's cutoff is kept only for the same method: another method scores on another
+    scale."""
     similarity = s.similarity or base["similarity"]
     method = get_method(similarity)
     stored = base.get("hyperparameters")
     same = similarity == base["similarity"] and isinstance(stored, dict)
     hp = method.validate({**(stored if same else {}), **s.hyperparameters})
-    cutoff = base["cutoff"] if s.cutoff is None else s.cutoff
+    inherited = base.get("cutoff") if similarity == base["similarity"] else None
+    cutoff, calibrated = resolve_cutoff(similarity, s.cutoff, inherited)
     check_cutoff(cutoff)
     concept_set = load_concepts(s.concepts) if s.concepts is not None else None
-    return similarity, hp, cutoff, concept_set
+    return similarity, hp, (cutoff, calibrated), concept_set
 
 
 def _stored_activations(reader: CacheReader, layer: str, image_ids: np.ndarray) -> torch.Tensor:
@@ -504,7 +522,7 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
     device = resolve_device(s.device)
     with open_cache(s.db) as check:  # validates the file with clear errors before copying it
         base = check.run(s.run)
-    similarity, hp, cutoff, concept_set = _relabel_inputs(s, base)
+    similarity, hp, (cutoff, calibrated), concept_set = _relabel_inputs(s, base)
     if concept_set is not None:
         clock.note(concept_set.describe_dropped())
 
@@ -572,6 +590,8 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             del acts
         with clock("write"):
             summaries = write_scores(writer, run_id, scores, texts, concept_ids, image_ids, cutoff)
+            if not calibrated:
+                clock.note(uncalibrated_cutoff_note(similarity, cutoff, scores.labels_scores()))
             writer.update_run(run_id, stage_seconds=clock.rounded())
             writer.commit()
     return IndexResult(

@@ -39,6 +39,32 @@ def check_at_least_one(option: str, n: int | None) -> None:
         raise UserError(f"{option} must be at least 1, got {n}")
 
 
+def resolve_cutoff(method: str, given: float | None, inherited: float | None = None) -> tuple[float, bool]:
+    """(τ to use, whether it is calibrated for ``method``): the given one, else the inherited one
+    (relabel with the same method), else the method's own, else the paper's 0.16 (uncalibrated)."""
+    if given is not None:
+        return float(given), True
+    if inherited is not None:
+        return float(inherited), True
+    calibrated = get_method(method).cutoff
+    return (calibrated, True) if calibrated is not None else (DEFAULT_CUTOFF, False)
+
+
+def uncalibrated_cutoff_note(method: str, cutoff: float, scores: Any) -> str:
+    """What to say when τ was not chosen for this method's scale: how many neurons pass, and a τ
+    that would keep the top 10 % (the scores' 90th percentile)."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    share = 100.0 * float(np.mean(scores > cutoff)) if scores.size else 0.0
+    lo, med, p90, hi = np.quantile(scores, [0.0, 0.5, 0.9, 1.0]) if scores.size else (0, 0, 0, 0)
+    return (
+        f"τ = {cutoff:g} is calibrated for {DEFAULT_METHOD} scores, not {method}: {share:.0f}% of neurons pass it; "
+        f"{method} scores here range {lo:.3g} … {hi:.3g} (median {med:.3g}); choose one with --cutoff, "
+        f"e.g. --cutoff {p90:.3g} keeps the top 10% (see `dissect-tui analyze interpretability`)"
+    )
+
+
 def _given(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that were given (not None) and that ``cls`` has a field for."""
     names = {f.name for f in fields(cls)}
@@ -59,7 +85,7 @@ class IndexSettings:
     pool: str = "mean"
     similarity: str = DEFAULT_METHOD
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    cutoff: float = DEFAULT_CUTOFF
+    cutoff: float | None = None  # None: the method's calibrated cutoff (methods.Method.cutoff)
     top_images: int = 100
     top_concepts: int = 100
     thumbnail_top: int = 10
@@ -90,7 +116,8 @@ class IndexSettings:
         if self.layers is not None and not self.layers:
             raise UserError("--layers names no layer: give layer names, e.g. --layers layer3,layer4")
         hp = get_method(self.similarity).validate(self.hyperparameters)
-        check_cutoff(self.cutoff)
+        if self.cutoff is not None:
+            check_cutoff(self.cutoff)
         check_at_least_one("--top-images", self.top_images)
         check_at_least_one("--top-concepts", self.top_concepts)
         check_at_least_one("--batch-size", self.batch_size)

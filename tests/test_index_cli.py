@@ -440,3 +440,28 @@ def test_hostile_path_in_the_summary_is_shown_as_text(workspace, tmp_path, capsy
     err = capsys.readouterr().err
     assert "\x1b]0;" not in err and "\x07" not in err
     assert "runs[/z]" in err and "␛]0;pwned␇[/x].duckdb" in err
+
+
+def test_cutoff_of_another_method_is_not_kept_silently(workspace, tmp_path, capsys):
+    """τ = 0.16 is calibrated for soft_wpmi: a relabel with wpmi says how many neurons pass and
+    suggests a τ on wpmi's scale; the same method keeps the base run's τ without a word."""
+    db = tmp_path / "tau.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    assert main(["relabel", str(db), "--cutoff", "0.3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["relabel", str(db), "--similarity", "wpmi"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "calibrated for soft_wpmi scores, not wpmi" in line]
+    assert len(notes) == 1, err
+    with open_cache(db) as r:
+        runs = r.runs()
+        assert [x["cutoff"] for x in runs] == [0.16, 0.3, 0.16]
+        scores = r.neurons(3)["similarity"]
+    share = round(100 * float(np.mean(scores > 0.16)))
+    assert f"{share}% of neurons pass it" in notes[0]
+    suggested = float(re.search(r"--cutoff (\S+) keeps the top 10%", notes[0]).group(1))
+    assert np.mean(scores > suggested) == pytest.approx(0.1, abs=0.05)
+    assert main(["relabel", str(db), "--run", "2"]) == 0  # same method as run 2: its τ, no note
+    assert "calibrated for" not in capsys.readouterr().err
+    with open_cache(db) as r:
+        assert r.run()["cutoff"] == 0.3
