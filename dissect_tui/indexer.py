@@ -116,6 +116,30 @@ def encode_concepts(
     return np.stack([cached[t] for t in texts]), len(missing)
 
 
+def _replacement_note(path: Path) -> str | None:
+    """What an index onto an existing cache will drop, said before any work starts."""
+    if not path.exists():
+        return None
+    try:
+        with open_cache(path) as old:
+            runs = old.runs()
+            n_metrics = int(old.query("SELECT count(*) FROM metrics")[1][0][0])
+    except CacheError:
+        return None  # check_target already refused what must not be replaced
+    relabels = sum(1 for r in runs if r.get("kind") != "index")
+    if not relabels and not n_metrics:
+        return None
+    kept = []
+    if relabels:
+        kept.append(f"{relabels} relabel run{'s' if relabels != 1 else ''}")
+    if n_metrics:
+        kept.append(f"{n_metrics} stored metric{'s' if n_metrics != 1 else ''}")
+    return (
+        f"{path} will be replaced when this index finishes: its {' and '.join(kept)} belong to the old "
+        "activations and will be gone (copy the file first, or give another --db, to keep them)"
+    )
+
+
 def _reuse_concept_embeddings(path: Path, key: str, texts: list[str]) -> dict[str, np.ndarray]:
     """Embeddings of these texts from an existing cache at path (same tower and template), if any."""
     if not path.exists():
@@ -437,6 +461,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     cutoff, calibrated = resolve_cutoff(s.similarity, s.cutoff)
     final_path = s.db_path()
     check_target(final_path)
+    clock.note(_replacement_note(final_path))
     with clock("setup"):
         setup = prepare_index(s, clock)
     with clock("images"):

@@ -465,3 +465,20 @@ def test_cutoff_of_another_method_is_not_kept_silently(workspace, tmp_path, caps
     assert "calibrated for" not in capsys.readouterr().err
     with open_cache(db) as r:
         assert r.run()["cutoff"] == 0.3
+
+
+def test_reindex_says_first_what_it_will_drop(workspace, tmp_path, capsys):
+    db = tmp_path / "again.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    args = [a if a != str(workspace["db"]) else str(db) for a in workspace["args"]]
+    assert main(args) == 0  # only an index run there: nothing to say
+    assert "will be replaced" not in capsys.readouterr().err
+    assert main(["relabel", str(db), "--similarity", "cos", "--cutoff", "0.1", "--quiet"]) == 0
+    with duckdb.connect(str(db)) as con:
+        con.execute("INSERT INTO metrics VALUES (2, 'evaluate', 'top1', 0.5, NULL)")
+    capsys.readouterr()
+    assert main([a for a in args if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert "will be replaced when this index finishes" in first, err
+    assert "1 relabel run and 1 stored metric" in first
