@@ -44,10 +44,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import similarity as sim
+from .activation_stats import LayerStats
 from .errors import UserError
 from .methods import get_method, validate
 from .similarity import top_images
@@ -133,7 +135,7 @@ def score_layer(
 
 
 def score_layers(
-    layers: Mapping[str, Tensor],
+    layers: Mapping[str, Tensor | LayerStats],
     image_emb: Tensor,
     concept_emb: Tensor,
     method: str = "soft_wpmi",
@@ -143,9 +145,13 @@ def score_layers(
     device: str | torch.device | None = None,
     on_progress: Progress | None = None,
     image_top: int = 0,
+    image_ids: np.ndarray | None = None,
     **hp: float | int,
 ) -> dict[str, LayerScores]:
     """Score several layers ({name: acts [N, K_l]}) against the same images and concepts.
+
+    A layer may also be given as ``activation_stats.LayerStats`` (what the indexer streams
+    instead of keeping [N, K]); ``image_ids`` are then the sorted ids of the ``image_emb`` rows.
 
     The prior of wpmi/soft_wpmi is per layer, exactly as if each layer were scored alone; the
     ``image_lse`` tensor is shared by all layers, and so are ``image_top_concepts`` /
@@ -161,10 +167,21 @@ def score_layers(
     if N == 0 or M == 0:
         raise UserError("cannot score neurons without probe images and concepts")
     for name, a in layers.items():
-        if a.ndim != 2 or a.shape[0] != N:
+        if isinstance(a, LayerStats):
+            if image_ids is None or a.n_images != N:
+                raise ValueError(f"layer {name}: stats of {a.n_images} images need image_ids of the {N} rows")
+        elif a.ndim != 2 or a.shape[0] != N:
             raise ValueError(f"layer {name}: activations must be [{N}, K], got {tuple(a.shape)}")
     dev = torch.device(device) if device is not None else image_emb.device
-    dt = _float_dtype(image_emb, concept_emb, *layers.values())
+    dt = _float_dtype(image_emb, concept_emb, *(a for a in layers.values() if isinstance(a, Tensor)))
+
+    def top(a: Tensor | LayerStats, n: int) -> tuple[Tensor, Tensor]:
+        if isinstance(a, LayerStats):
+            assert image_ids is not None
+            rows, vals = a.top_rows(image_ids, n)
+            return rows.to(dev), vals.to(dev, dt)
+        return top_images(a.to(dev, dt), n)
+
     img = image_emb.to(dev, dt)
     Tm = concept_emb.to(dev, dt)
     T = max(1, min(int(top_concepts), M))
@@ -177,7 +194,7 @@ def score_layers(
             )
         else:
             w = None
-        tops = [top_images(layers[k].to(dev, dt), n)[0] for k in names]
+        tops = [top(layers[k], n)[0] for k in names]
         tracks = [_TopT(t.shape[0], T, dt, dev) for t in tops]
 
         def sink(li: int, m0: int, scores: Tensor) -> None:
@@ -200,25 +217,37 @@ def score_layers(
         )
         ti, tv = (row_top.idx, row_top.vals) if row_top is not None else (None, None)
         return {k: LayerScores(tr.idx, tr.vals, lse, ti, tv) for k, tr in zip(names, tracks, strict=True)}
-    fn = _cos_layer if method == "cos" else _rank_reorder_layer
     done, total = 0, len(names)
     out: dict[str, LayerScores] = {}
     for k in names:
-        out[k] = fn(layers[k].to(dev, dt), img, Tm, T, memory_budget, params)
+        a = layers[k]
+        if method == "cos":
+            if isinstance(a, LayerStats):
+                if a.cross is None or a.sq_norm is None:
+                    raise ValueError(f"layer {k}: cos needs stats built with embed_dim")
+                cross, sq = a.cross.to(dev, dt), a.sq_norm.to(dev, dt)
+            else:
+                a = a.to(dev, dt)
+                cross, sq = a.T @ img, (a * a).sum(0)
+            out[k] = _cos_layer(cross, sq, img, Tm, T, memory_budget)
+        else:
+            n = min(N, max(2, int(N * float(params["top_fraction"]))))
+            out[k] = _rank_reorder_layer(*top(a, n), img, Tm, T, memory_budget, params)
         done += 1
         if on_progress is not None:
             on_progress(done, total)
     return out
 
 
-def _cos_layer(A: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: Mapping) -> LayerScores:
-    K = A.shape[1]
+def _cos_layer(cross: Tensor, sq_norm: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int) -> LayerScores:
+    """cos from Σ a·I ([K, D]) and Σ a² ([K]): q·P[:, m] = (qᵀI)·T_m, |P[:, m]|² = T_m (IᵀI) T_mᵀ."""
+    K = cross.shape[0]
     M = Tm.shape[0]
-    qnorm = A.norm(dim=0).clamp_min(_NORM_EPS)
-    AI = (A.T @ img) / qnorm[:, None]  # [K, D]: q̂ᵀI
+    qnorm = sq_norm.clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+    AI = cross / qnorm[:, None]  # [K, D]: q̂ᵀI
     G = img.T @ img  # [D, D]
-    top = _TopT(K, T, A.dtype, A.device)
-    mc = max(1, min(M, budget // (3 * A.element_size() * max(K, Tm.shape[1]))))
+    top = _TopT(K, T, cross.dtype, cross.device)
+    mc = max(1, min(M, budget // (3 * cross.element_size() * max(K, Tm.shape[1]))))
     for m0 in range(0, M, mc):
         Tc = Tm[m0 : m0 + mc]
         pnorm = ((Tc @ G) * Tc).sum(1).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
@@ -227,26 +256,25 @@ def _cos_layer(A: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: 
 
 
 def _rank_reorder_layer(
-    A: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: Mapping
+    idx: Tensor, vals: Tensor, img: Tensor, Tm: Tensor, T: int, budget: int, params: Mapping
 ) -> LayerScores:
-    N = A.shape[0]
+    """rank reorder from each neuron's top images (rows [K, n]) and their activations [K, n]."""
     M = Tm.shape[0]
-    n = min(N, max(2, int(N * float(params["top_fraction"]))))
-    idx, vals = top_images(A, n)
+    n = idx.shape[1]
     p = float(params["p"])
     base = sim.rank_baseline(vals, p, int(params["seed"]), int(params["n_perm"])).clamp_min(
-        torch.finfo(A.dtype).tiny
+        torch.finfo(vals.dtype).tiny
     )
     K = idx.shape[0]
-    top = _TopT(K, T, A.dtype, A.device)
+    top = _TopT(K, T, vals.dtype, vals.device)
     # About six [kb, n, mc] temporaries live at once (P values, argsort, gathers).
-    elems = max(1, budget // (8 * A.element_size() * 6))
+    elems = max(1, budget // (8 * vals.element_size() * 6))
     kb = max(1, min(K, elems // max(1, n * min(M, 256))))
     mc = max(1, min(M, elems // max(1, kb * n)))
     for k0 in range(0, K, kb):
         k1 = min(K, k0 + kb)
         emb = img[idx[k0:k1]]  # [kb, n, D]
-        track = _TopT(k1 - k0, T, A.dtype, A.device)
+        track = _TopT(k1 - k0, T, vals.dtype, vals.device)
         for m0 in range(0, M, mc):
             sub = emb @ Tm[m0 : m0 + mc].T  # P on the top images: [kb, n, mc]
             err = sim._reorder_error(vals[k0:k1], sub, p, float(params["scale_p"])) / base[k0:k1, None]

@@ -168,3 +168,25 @@ def test_image_top_is_clamped_and_absent_where_no_p_rows_are_formed():
     assert out.image_top_concepts.shape == (acts.shape[0], 4)
     for method in ("cos", "rank_reorder"):
         assert scoring.score_layer(acts, img, T, method, image_top=3).image_top_concepts is None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_streamed_layer_stats_score_like_the_full_matrix(method):
+    """The indexer streams LayerStats instead of [N, K]: same labels and scores for every method."""
+    import numpy as np
+
+    from dissect_tui.activation_stats import LayerStatsBuilder
+
+    acts, img, T = _emb()
+    ids = np.arange(acts.shape[0]) * 2 + 1  # image ids with gaps (failed images)
+    b = LayerStatsBuilder(
+        acts.shape[1], acts.shape[0], embed_dim=img.shape[1], dtype=acts.dtype, buffer_bytes=1
+    )
+    for s in range(0, acts.shape[0], 17):
+        b.add(ids[s : s + 17], acts[s : s + 17], img[s : s + 17])
+    full = scoring.score_layers({"x": acts}, img, T, method, top_concepts=7, image_top=3)["x"]
+    streamed = scoring.score_layers(
+        {"x": b.finish()}, img, T, method, top_concepts=7, image_top=3, image_ids=ids
+    )["x"]
+    assert torch.equal(streamed.top_concepts, full.top_concepts)
+    torch.testing.assert_close(streamed.top_scores, full.top_scores, rtol=1e-9, atol=1e-9)
