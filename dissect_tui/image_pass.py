@@ -49,12 +49,14 @@ def _forward(
     x_t: torch.Tensor,
     x_c: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Both forwards of one batch; out of memory → the two halves, recursively."""
+    """Both forwards of one batch (CLIP's only when there is a CLIP); out of memory → the two halves."""
     try:
         with autocast(device, precision):
             model(x_t)
         out = {k: v.float() for k, v in recorder.pop().items()}
-        return out, clip_model.encode_images(x_c)
+        return out, clip_model.encode_images(x_c) if clip_model is not None else x_t.new_empty(
+            x_t.shape[0], 0
+        )
     except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -82,7 +84,9 @@ def record_images(
 ) -> ImagePass:
     """Run the target (with hooks on ``layers``) and CLIP's image tower over ``batches``.
 
-    ``batches`` yields probe.Batch objects of ``probe`` whose ``inputs`` are (target input, CLIP input).
+    ``batches`` yields probe.Batch objects of ``probe`` whose ``inputs`` are (target input, CLIP input),
+    or only the target input when ``clip_model`` is None (embeddings come from elsewhere; the result's
+    ``image_emb`` then has no columns).
     """
     n_listed = len(probe)
     from dissect_tui.targets import LayerRecorder
@@ -104,7 +108,7 @@ def record_images(
                     result.thumbnails[i] = batch.thumbnails[j]
             ok = batch.ok
             if bool(ok.any()):
-                x_t, x_c = batch.inputs
+                x_t, x_c = batch.inputs[0], batch.inputs[-1]
                 if not bool(ok.all()):
                     keep = ok.nonzero().squeeze(1)
                     x_t, x_c = x_t[keep], x_c[keep]

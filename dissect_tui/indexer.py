@@ -27,6 +27,7 @@ import torch
 
 from dissect_tui import scoring
 from dissect_tui.concepts import ConceptSet, load_concepts
+from dissect_tui.embedding_source import EmbeddingSource, open_embedding_source
 from dissect_tui.errors import CacheError, UserError
 from dissect_tui.image_pass import ImagePass, record_images
 from dissect_tui.methods import get_method
@@ -35,6 +36,7 @@ from dissect_tui.runtime import device_label, resolve_device, resolve_precision
 from dissect_tui.settings import (
     BATCH_SIZE_ACCELERATOR,
     BATCH_SIZE_CPU,
+    DEFAULT_CLIP,
     IndexSettings,
     RelabelSettings,
     check_cutoff,
@@ -269,7 +271,8 @@ class IndexSetup:
     probe: Any  # probe.ProbeSet
     target: Any  # targets.Target
     layers: list[str]
-    clip_model: Any  # clip_backend.ClipModel
+    clip_model: Any  # clip_backend.ClipModel; None with --embeddings-from (CLIP is not loaded)
+    source: EmbeddingSource | None  # --embeddings-from: the cache the embeddings come from
     decode_plan: Any  # fast_decode plan, None for the PIL loader
     device: torch.device
     precision: str
@@ -292,12 +295,15 @@ def prepare_index(s: IndexSettings, clock: StageClock) -> IndexSetup:
     probe = resolve_probe(s.probe, Path(s.cache_dir))
     for msg in probe.notes:
         clock.note(msg)
+    source = open_embedding_source(s.embeddings_from, probe) if s.embeddings_from else None
     target = load_target(s.model, s.weights)
     layers = resolve_layers(target.model, s.layers, target.default_layers)
-    clip_model = load_clip(s.clip, device=str(device), precision=precision)
-    for msg in clip_model.notes:
-        clock.note(msg)
-    decode_plan, decode_notes = plan_decode(s.decode, device, [target.preprocess, clip_model.preprocess])
+    clip_model = None
+    if source is None:
+        clip_model = load_clip(s.clip or DEFAULT_CLIP, device=str(device), precision=precision)
+        for msg in clip_model.notes:
+            clock.note(msg)
+    decode_plan, decode_notes = plan_decode(s.decode, device, _transforms(target, clip_model))
     for msg in decode_notes:
         clock.note(msg)
     accelerated = device.type != "cpu"
@@ -307,8 +313,46 @@ def prepare_index(s: IndexSettings, clock: StageClock) -> IndexSetup:
     if device.type == "cuda":
         target.model.to(memory_format=torch.channels_last)
     return IndexSetup(
-        concept_set, probe, target, layers, clip_model, decode_plan, device, precision, batch_size, workers
+        concept_set,
+        probe,
+        target,
+        layers,
+        clip_model,
+        source,
+        decode_plan,
+        device,
+        precision,
+        batch_size,
+        workers,
     )
+
+
+def _transforms(target: Any, clip_model: Any) -> list[Any]:
+    """Per image: the target's input, and CLIP's when CLIP runs here."""
+    return [target.preprocess] if clip_model is None else [target.preprocess, clip_model.preprocess]
+
+
+def _text_encoder(s: IndexSettings, setup: IndexSetup) -> TextEncoder:
+    """The run's concept encoder; with --embeddings-from its CLIP loads only for missing concepts."""
+    if setup.source is None:
+        return TextEncoder(setup.clip_model, s.template)
+    from dissect_tui.clip_backend import load_clip
+
+    source, spec = setup.source, s.clip or setup.source.clip_spec
+
+    def load() -> Any:
+        try:
+            clip = load_clip(spec, device=str(setup.device), precision=setup.precision)
+        except UserError as exc:
+            raise UserError(
+                f"concepts missing from {source.path} need its CLIP text tower ({spec}): {exc} "
+                "(pass --clip NAME:/path/to/checkpoint, or a concept set the other cache has)"
+            ) from None
+        if clip.key != source.tower:
+            raise UserError(f"--clip {spec} is not the CLIP that built {source.path} ({source.tower})")
+        return clip
+
+    return TextEncoder(load, s.template, tower=source.tower)
 
 
 def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any) -> Iterator[Any]:
@@ -316,7 +360,7 @@ def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any) -> Iterator[
     from dissect_tui.fast_decode import iter_device_batches
     from dissect_tui.probe import iter_batches
 
-    transforms = [setup.target.preprocess, setup.clip_model.preprocess]
+    transforms = _transforms(setup.target, setup.clip_model)
     if setup.decode_plan is None:
         return iter_batches(setup.probe, transforms, setup.batch_size, setup.workers, s.thumbnail_px)
     return iter_device_batches(
@@ -342,6 +386,8 @@ def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> ImageP
     )
     if setup.decode_plan is not None:
         clock.note(f"decode: {setup.decode_plan.label}; {stats.summary()}")
+    if setup.source is not None:  # CLIP did not run: the other cache's embeddings of these images
+        images.image_emb = torch.from_numpy(setup.source.images(images.ok_ids)).to(setup.device)
     return images
 
 
@@ -356,12 +402,20 @@ def index_run_record(
     """The runs row of an index run (stage_seconds are added at the end)."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
     settings["decode_used"] = "cpu" if setup.decode_plan is None else setup.decode_plan.mode
+    if setup.source is not None:  # where the image and concept embeddings came from
+        settings["embeddings_source"] = {
+            "path": str(setup.source.path.resolve()),
+            "run_id": setup.source.run["run_id"],
+            "clip_key": setup.source.tower,
+        }
     return {
         "kind": "index",
         "target": s.model,
         "target_weights": setup.target.weights,
-        "clip_model": setup.clip_model.name,
-        "clip_pretrained": setup.clip_model.pretrained,
+        "clip_model": setup.clip_model.name if setup.source is None else setup.source.run["clip_model"],
+        "clip_pretrained": (
+            setup.clip_model.pretrained if setup.source is None else setup.source.run["clip_pretrained"]
+        ),
         "clip_key": encoder.key,
         "template": encoder.template,
         "probe": list(s.probe),
@@ -467,12 +521,15 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     with clock("images"):
         images = run_images(setup, s, clock)
     texts = setup.concept_set.texts
-    encoder = TextEncoder(setup.clip_model, s.template)
+    encoder = _text_encoder(s, setup)
     with clock("concepts"):
         cached = _reuse_concept_embeddings(final_path, encoder.key, texts)
+        if setup.source is not None:
+            cached.update(setup.source.concepts(encoder.template, texts))
         concept_emb, n_encoded = encode_concepts(texts, cached, encoder, clock.progress)
     if n_encoded < len(texts):
-        clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {final_path}")
+        origin = setup.source.path if setup.source is not None else final_path
+        clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
 
     with CacheWriter(final_path) as writer:
         with clock("write"):

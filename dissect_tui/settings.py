@@ -80,8 +80,9 @@ class IndexSettings:
     layers: list[str] | None = None  # None: the model family's defaults
     probe: list[str] = field(default_factory=lambda: [DEFAULT_PROBE])
     concepts: str = DEFAULT_CONCEPT_SET
-    clip: str = DEFAULT_CLIP
+    clip: str | None = None  # None: DEFAULT_CLIP, or with embeddings_from that cache's CLIP
     template: str | None = None  # e.g. "a photo of {}"; concepts are encoded as written by default
+    embeddings_from: Path | None = None  # a cache on the same probe: its image/concept embeddings
     pool: str = "mean"
     similarity: str = DEFAULT_METHOD
     hyperparameters: dict[str, Any] = field(default_factory=dict)

@@ -482,3 +482,67 @@ def test_reindex_says_first_what_it_will_drop(workspace, tmp_path, capsys):
     first = err.splitlines()[0]
     assert "will be replaced when this index finishes" in first, err
     assert "1 relabel run and 1 stored metric" in first
+
+
+def _args_with_db(workspace, db, drop=()):
+    args = [a if a != str(workspace["db"]) else str(db) for a in workspace["args"]]
+    for opt in drop:
+        i = args.index(opt)
+        del args[i : i + 2]
+    return args
+
+
+def test_embeddings_from_another_cache_skip_clip_entirely(workspace, tmp_path, monkeypatch):
+    """A second model on the same probe takes the CLIP side from the first cache: CLIP is never
+    loaded, and the result equals an index that ran CLIP itself."""
+    from dissect_tui import clip_backend
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("CLIP loaded although every embedding was available")
+
+    monkeypatch.setattr(clip_backend, "load_clip", no_clip)
+    db = tmp_path / "second.duckdb"
+    args = _args_with_db(workspace, db, drop=("--clip",))
+    assert main([*args, "--embeddings-from", str(workspace["db"])]) == 0
+    with open_cache(db) as new, open_cache(workspace["db"]) as old:
+        np.testing.assert_array_equal(new.image_embeddings()[1], old.image_embeddings()[1])
+        run, first = new.run(), old.run()
+        assert (run["clip_key"], run["clip_model"], run["clip_pretrained"]) == (
+            first["clip_key"],
+            first["clip_model"],
+            first["clip_pretrained"],
+        )
+        assert run["settings"]["embeddings_source"]["path"] == str(workspace["db"].resolve())
+        assert list(new.neurons(1)["label"]) == list(old.neurons(1)["label"])
+        np.testing.assert_allclose(new.neurons(1)["similarity"], old.neurons(1)["similarity"], rtol=1e-5)
+
+
+def test_embeddings_from_refuses_another_probe_and_missing_concepts(workspace, tmp_path, capsys):
+    other_images = tmp_path / "imgs"
+    make_image_tree(other_images, 10, broken=False)
+    args = _args_with_db(workspace, tmp_path / "x.duckdb", drop=("--clip", "--probe"))
+    rc = main([*args, "--probe", str(other_images), "--embeddings-from", str(workspace["db"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "was built on other probe images" in err, err
+    # 3k concepts were never encoded there, and its CLIP "moved": say what is missing
+    args = _args_with_db(workspace, tmp_path / "y.duckdb", drop=("--clip", "--concepts"))
+    rc = main(
+        [*args, "--concepts", "3k", "--embeddings-from", str(workspace["db"]), "--clip", "ViT-B-32:/gone.pt"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "concepts missing from" in err, err
+    # with the CLIP available only the missing ones are encoded
+    rc = main(
+        [
+            *args,
+            "--concepts",
+            "3k",
+            "--embeddings-from",
+            str(workspace["db"]),
+            "--clip",
+            workspace["clip"].spec,
+        ]
+    )
+    assert rc == 0
+    with open_cache(tmp_path / "y.duckdb") as r:
+        assert r.run()["n_concepts"] == len(load_concepts("3k").texts)

@@ -68,6 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="open_clip model and pretrained tag, local checkpoint path or 'none'; NAME may be a model-config "
         f"JSON file (default {_d('clip')})",
     )
+    p.add_argument(
+        "--embeddings-from",
+        type=Path,
+        metavar="CACHE",
+        help="take the image and concept embeddings from another cache built on the same probe images "
+        "(CLIP is not run, not even loaded unless concepts are missing there); records the source",
+    )
     p.add_argument("--pool", choices=POOLS, help=f"summary of conv maps over space (default {_d('pool')})")
     add_scoring_options(p, defaults=True)
     p.add_argument(
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             "probe": args.probe,
             "concepts": args.concepts,
             "clip": args.clip,
+            "embeddings_from": args.embeddings_from,
             "pool": args.pool,
             "top_images": args.top_images,
             "db": args.db,
