@@ -17,6 +17,7 @@ from textual.widgets import Input, TextArea
 
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.sidecar import Sidecar, run_key, sidecar_path
+from dissect_tui.text import printable
 
 
 def is_text_entry(widget: Widget | None) -> bool:
@@ -78,7 +79,9 @@ class BrowserApp(App):
             path = self._sidecar_file or sidecar_path(self.reader.path)
             self.sidecar = Sidecar(path, run_key(run))
         except Exception as exc:  # saving is a convenience: browsing must go on without it
-            self.call_from_thread(self.notify, f"results will not be saved: {exc}", severity="warning")
+            self.call_from_thread(
+                self.notify, f"results will not be saved: {printable(exc)}", severity="warning", markup=False
+            )
             self.sidecar = None
         return self.sidecar
 

@@ -12,12 +12,14 @@ from textual.widgets import Footer, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from dissect_tui.errors import UserError
+from dissect_tui.text import printable
 from dissect_tui.tui.charts import bar_chart
+from dissect_tui.tui.workers import ReportsWorkerErrors
 
 BREADTHS = (10, 20, 100)
 
 
-class ComposeScreen(ModalScreen):
+class ComposeScreen(ReportsWorkerErrors, ModalScreen):
     """Dismisses with (breadth, pairs, singles) of the last finished result, or None."""
 
     BINDINGS = [
@@ -59,7 +61,7 @@ class ComposeScreen(ModalScreen):
         layer, unit = self.key
         return Text.assemble(
             ("Two-concept explanation ", "bold"),
-            f"of {layer}:{unit} (label: {self.label}) · breadth: top {self.breadth} concepts "
+            f"of {printable(layer)}:{unit} (label: {printable(self.label)}) · breadth: top {self.breadth} concepts "
             f"→ {self.breadth * (self.breadth - 1):,} pairs",
         )
 
@@ -99,7 +101,7 @@ class ComposeScreen(ModalScreen):
         self.dismiss(self.result)
 
     # -- worker ------------------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="compose")
+    @work(thread=True, exclusive=True, group="compose", exit_on_error=False)
     def compute(self, breadth: int) -> None:
         worker = get_current_worker()
         app = self.app
@@ -124,7 +126,7 @@ class ComposeScreen(ModalScreen):
         app.call_from_thread(self._show, result, f"computed from the top {result[0]} concepts; saved")
 
     def _failed(self, message: str) -> None:
-        self.query_one("#c-status", Static).update(Text(message, style="red"))
+        self.query_one("#c-status", Static).update(Text(printable(message), style="red"))
         self._worker = None
 
     def _show(self, result: tuple[int, list, list], status: str) -> None:

@@ -22,9 +22,11 @@ from dissect_tui.store.browse import (
     similar_labels,
     thumbnails,
 )
+from dissect_tui.text import printable
 from dissect_tui.tui.charts import bar_chart, histogram
 from dissect_tui.tui.images import Thumb
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NOT_INTERPRETABLE, PIN
+from dissect_tui.tui.workers import ReportsWorkerErrors
 
 if TYPE_CHECKING:
     from dissect_tui.tui.main import MainScreen
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 N_TOP_IMAGES = 10
 
 
-class DetailScreen(Screen):
+class DetailScreen(ReportsWorkerErrors, Screen):
     BINDINGS = [
         Binding("escape,backspace", "back", "Back"),
         Binding("n,right", "step(1)", "Next", key_display="n/→"),
@@ -96,8 +98,8 @@ class DetailScreen(Screen):
         good = sim > self.main.filters.cutoff
         pin = f" {PIN} pinned" if self.main.model.pinned[self.row] else ""
         title = Text.assemble(
-            (f"{layer}:{unit}", "bold"),
-            f"  {t.label[self.row]}  ",
+            (f"{printable(layer)}:{unit}", "bold"),
+            f"  {printable(t.label[self.row])}  ",
             (f"{sim:.4f} ", ""),
             (
                 INTERPRETABLE + " interpretable" if good else NOT_INTERPRETABLE + " below τ",
@@ -109,7 +111,7 @@ class DetailScreen(Screen):
         self.query_one("#d-title", Static).update(title)
         self.load(layer, unit)
 
-    @work(thread=True, exclusive=True, group="detail")
+    @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def load(self, layer: str, unit: int) -> None:
         app = self.app
         run = app.run_info
@@ -121,7 +123,7 @@ class DetailScreen(Screen):
             similar = similar_labels(cur, run["run_id"], layer, unit)
             correlated, n_used = correlated_units(cur, layer, unit)
         except UserError as exc:
-            app.call_from_thread(self.notify, str(exc), severity="error")
+            app.call_from_thread(self.notify, printable(exc), severity="error", markup=False)
             return
         finally:
             cur.close()
@@ -154,7 +156,10 @@ class DetailScreen(Screen):
         sim_list = self.query_one("#similar", OptionList)
         sim_list.clear_options()
         sim_list.add_options(
-            [Option(f"{lay}:{u}  {lab}  ({s:.2f})", id=f"{lay}\t{u}") for lay, u, lab, s in similar]
+            [
+                Option(Text(f"{printable(lay)}:{u}  {printable(lab)}  ({s:.2f})"), id=f"{lay}\t{u}")
+                for lay, u, lab, s in similar
+            ]
         )
         corr = self.query_one("#correlated", OptionList)
         corr.clear_options()
@@ -163,7 +168,11 @@ class DetailScreen(Screen):
         for u, r in correlated:
             row = self.main.model.row_of(d.layer, u) if self.main.model else None
             label = t.label[row] if t is not None and row is not None else "?"
-            opts.append(Option(f"{d.layer}:{u}  {label}  (r={r:.2f})", id=f"{d.layer}\t{u}"))
+            opts.append(
+                Option(
+                    Text(f"{printable(d.layer)}:{u}  {printable(label)}  (r={r:.2f})"), id=f"{d.layer}\t{u}"
+                )
+            )
         corr.add_options(opts or [Option(f"no correlation data ({n_used} images)", disabled=True)])
         self.show_composition(stored)
 
@@ -177,7 +186,7 @@ class DetailScreen(Screen):
         out.append_text(bar_chart(pairs[:5], width=60))
         out.append("\nbest single (rescored): ", style="dim")
         if singles:
-            out.append(f"{singles[0][0]} {singles[0][1]:.3f}")
+            out.append(f"{printable(singles[0][0])} {singles[0][1]:.3f}")
         box.update(out)
 
     # -- actions ---------------------------------------------------------------------------
@@ -211,12 +220,13 @@ class DetailScreen(Screen):
     def _jump(self, event: OptionList.OptionSelected) -> None:
         if event.option.id is None or self.main.model is None:
             return
-        layer, unit = event.option.id.split("\t")
+        layer, unit = event.option.id.rsplit("\t", 1)
         row = self.main.model.row_of(layer, int(unit))
         if row is not None:
             self.app.push_screen(DetailScreen(self.main, 0, rows=np.array([row])))
 
 
 def _tail(path: str, width: int) -> str:
-    name = path.rsplit("/", 1)[-1]
+    """The end of an image path for a caption (made printable: paths come from the cache)."""
+    name = printable(path.rsplit("/", 1)[-1])
     return name if len(name) <= width else "…" + name[-(width - 1) :]

@@ -12,6 +12,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from dissect_tui.text import has_control
+
 
 class _Dialog(ModalScreen):
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
@@ -72,6 +74,9 @@ class ExportDialog(_Dialog):
             self.query_one("#error", Static).update("enter a file name")
             return
         error = self.query_one("#error", Static)
+        if has_control(path):  # a pasted ESC or NUL: no file name needs one, and NUL cannot be one
+            error.update("the file name has control characters: type it again")
+            return
         target = Path(path).expanduser()
         if target.suffix.lower() not in (".csv", ".parquet"):
             error.update("the file name must end in .csv or .parquet")

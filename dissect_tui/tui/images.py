@@ -44,7 +44,7 @@ class Thumb(Vertical):
     def __init__(self, jpeg: bytes | None, caption: str, image_cls: Any) -> None:
         super().__init__()
         self._jpeg = jpeg
-        self._caption = caption
+        self._caption = caption  # shown as plain text; the caller made cache strings printable
         self._image_cls = image_cls
 
     def compose(self):

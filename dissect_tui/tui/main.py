@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -19,9 +18,11 @@ from textual.worker import get_current_worker
 from dissect_tui.errors import UserError
 from dissect_tui.store.browse import NeuronTable as NeuronColumns
 from dissect_tui.store.browse import load_neuron_table, load_top_concepts
+from dissect_tui.text import printable
 from dissect_tui.tui.app import is_text_entry
 from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
+from dissect_tui.tui.workers import ReportsWorkerErrors
 
 CUTOFF_STEP = 0.01
 
@@ -31,7 +32,7 @@ def fmt_cutoff(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-class MainScreen(Screen):
+class MainScreen(ReportsWorkerErrors, Screen):
     BINDINGS = [
         Binding("slash", "filter_text", "Filter", key_display="/"),
         Binding("c", "concept_query", "Concept query"),
@@ -81,7 +82,7 @@ class MainScreen(Screen):
         self.load()
 
     # -- loading (worker) --------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="load")
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def load(self) -> None:
         app = self.app
         cur = app.cursor()
@@ -95,7 +96,7 @@ class MainScreen(Screen):
             tops = load_top_concepts(cur, run["run_id"], table)
             app.call_from_thread(self._tops_loaded, tops)
         except UserError as exc:
-            app.call_from_thread(app.exit, return_code=2, message=f"error: {exc}")
+            app.call_from_thread(app.exit, return_code=2, message=Text(f"error: {printable(exc)}"))
         finally:
             cur.close()
 
@@ -117,8 +118,11 @@ class MainScreen(Screen):
         self.filters.cutoff = float(cutoff) if cutoff is not None else 0.16
         target = run.get("target") or "?"
         self.query_one("#title", Static).update(
-            f"[b]{target}[/b] · run {run['run_id']} ({run.get('kind')}) · {run.get('similarity')} · "
-            f"{run.get('concept_set')} · {len(table):,} neurons"
+            Text.assemble(
+                (printable(target), "bold"),
+                f" · run {run['run_id']} ({printable(run.get('kind'))}) · {printable(run.get('similarity'))}"
+                f" · {printable(run.get('concept_set'))} · {len(table):,} neurons",
+            )
         )
         self._fill_layers()
         self.refresh_view()
@@ -138,19 +142,20 @@ class MainScreen(Screen):
         if highlighted is not None and highlighted < len(options):
             sel.highlighted = highlighted
 
-    def _layer_prompt(self, i: int, chosen: bool) -> str:
+    def _layer_prompt(self, i: int, chosen: bool) -> Text:
         # The checkbox shows selection by colour only: "●" says it in a monochrome terminal too.
         name, n, good = self._layer_rows[i]
         pct = 100.0 * good / n if n else 0.0
-        return f"{'●' if chosen else ' '}{name[:8]:<8} {n:>5} {pct:>3.0f}%"
+        return Text(f"{'●' if chosen else ' '}{printable(name)[:8]:<8} {n:>5} {pct:>3.0f}%")
 
-    def refresh_view(self) -> None:
+    def refresh_view(self, top: bool = False) -> None:
+        """Recompute the view; ``top`` puts the cursor on its first row (a new ranking's best)."""
         if self.model is None:
             return
         t0 = time.perf_counter()
         self.view_rows = self.model.view(self.filters, self.sort, self.reverse)
         table = self.query_one("#table", NeuronTable)
-        table.set_view(self.model, self.view_rows, self.filters.cutoff, self.sort, self.reverse)
+        table.set_view(self.model, self.view_rows, self.filters.cutoff, self.sort, self.reverse, top=top)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         self._update_status()
 
@@ -158,37 +163,42 @@ class MainScreen(Screen):
         assert self.model is not None
         f = self.filters
         good = int(self.model.interpretable(f.cutoff).sum())
-        parts = [
+        parts: list[str | Text] = [
             f"τ={fmt_cutoff(f.cutoff)} ({good:,}/{self.model.n:,} {INTERPRETABLE})",
             f"sort {self.sort}{'▲' if self.reverse else '▼'}",
             f"{len(self.view_rows):,} shown",
         ]
         if f.layers:
-            parts.append("layers " + ",".join(self.model.table.layers[i] for i in sorted(f.layers)))
+            parts.append(
+                "layers " + ",".join(printable(self.model.table.layers[i]) for i in sorted(f.layers))
+            )
         if f.text and self.mode != "text":  # in text mode the box itself shows it
-            parts.append(f"filter “{escape(f.text)}”")
+            parts.append(f"filter “{printable(f.text)}”")
         if f.interpretable_only:
             parts.append(f"{INTERPRETABLE} only")
         if f.pinned_only:
             parts.append("pinned only")
         if self.model.query is not None:
-            parts.append(f"ranked by “{escape(self.model.query.title)}”")
+            parts.append(f"ranked by “{printable(self.model.query.title)}”")
         if self.mode == "concept":
-            parts.append("[b]concept query[/b]: type, Enter")
-        self.query_one("#status", Static).update(" · ".join(parts))
+            parts.append(Text.assemble(("concept query", "bold"), ": type, Enter"))
+        # Plain text, never markup: layer names, the filter and the query come from the cache or the user.
+        self.query_one("#status", Static).update(
+            Text(" · ").join(Text(p) if isinstance(p, str) else p for p in parts)
+        )
 
     @on(NeuronTable.Highlighted)
     def _preview(self, event: NeuronTable.Highlighted) -> None:
         text = ""
         if self.model is not None and event.row is not None:
             tops = self.model.table.top_concepts[event.row]
-            text = f"top concepts: {tops}" if tops else ""
+            text = f"top concepts: {printable(tops)}" if tops else ""
             q = self.model.query
             if q is not None:  # the query scores, also those the table has no room for at 80 columns
                 scores = [(q.title, q.scores)] + list(q.extra.items())
-                text = " · ".join(f"{name} {float(col[event.row]):.3f}" for name, col in scores) + (
-                    f" · {text}" if text else ""
-                )
+                text = " · ".join(
+                    f"{printable(name)} {float(col[event.row]):.3f}" for name, col in scores
+                ) + (f" · {text}" if text else "")
         self.query_one("#preview", Static).update(Text(text))  # no markup: [ ] in concept text
 
     # -- filter box --------------------------------------------------------------------
@@ -313,7 +323,7 @@ class MainScreen(Screen):
         self.save_pin(*self.model.key(row), bool(self.model.pinned[row]))
         self.query_one("#table", NeuronTable).refresh()
 
-    @work(thread=True, group="pins")
+    @work(thread=True, group="pins", exit_on_error=False)
     def save_pin(self, layer: str, unit: int, pinned: bool) -> None:
         if self.app.sidecar is not None:
             self.app.sidecar.set_pin(layer, unit, pinned)
@@ -348,33 +358,64 @@ class MainScreen(Screen):
 
         if self.model is None:
             return
-        rows = np.flatnonzero(self.model.pinned) if pinned else self.view_rows
+        # What is exported is what is shown: the on-screen order, τ and query scores.
+        if pinned:
+            f = Filters(cutoff=self.filters.cutoff, pinned_only=True)
+            rows = self.model.view(f, self.sort, self.reverse)
+        else:
+            rows = self.view_rows
         if not len(rows):
             self.notify("nothing to export" + (" (no pinned neurons: press m)" if pinned else ""))
             return
         keys = [self.model.key(int(r)) for r in rows]
+        extra: dict[str, list[float]] = {}
+        q = self.model.query
+        if q is not None:
+            for name, col in [(q.title, q.scores), *q.extra.items()]:
+                extra.setdefault(f"query: {name}", col[rows].astype(float).tolist())
         stem = self.app.reader.path.stem if self.app.reader.path else "neurons"
         default = f"{stem}-{'pinned' if pinned else 'view'}.csv"
+        cutoff = self.filters.cutoff
 
         def done(choice: tuple[str, bool] | None) -> None:
             if choice:
-                self.export(*choice, keys)
+                self.export(*choice, keys, cutoff, extra)
 
         self.app.push_screen(ExportDialog(default, len(keys)), done)
 
-    @work(thread=True, group="export")
-    def export(self, path: str, overwrite: bool, keys: list[tuple[str, int]]) -> None:
+    @work(thread=True, group="export", exit_on_error=False)
+    def export(
+        self,
+        path: str,
+        overwrite: bool,
+        keys: list[tuple[str, int]],
+        cutoff: float,
+        extra: dict[str, list[float]],
+    ) -> None:
         from dissect_tui.store.export import export_neurons
 
         cur = self.app.cursor()
         try:
-            n = export_neurons(cur, self.app.run_info["run_id"], path, keys=keys, overwrite=overwrite)
+            n = export_neurons(
+                cur,
+                self.app.run_info["run_id"],
+                path,
+                keys=keys,
+                cutoff=cutoff,
+                overwrite=overwrite,
+                keep_order=True,
+                extra=extra or None,
+            )
         except (UserError, OSError) as exc:
-            self.app.call_from_thread(self.notify, f"export failed: {exc}", severity="error")
+            self.app.call_from_thread(
+                self.notify, f"export failed: {printable(exc)}", severity="error", markup=False
+            )
             return
         finally:
             cur.close()
-        self.app.call_from_thread(self.notify, f"wrote {n:,} neuron{'s' if n != 1 else ''} to {path}")
+        self.app.call_from_thread(
+            self.notify, f"wrote {n:,} neuron{'s' if n != 1 else ''} to {printable(path)}", markup=False
+        )
 
     # -- concept queries (CLIP, in a worker) -------------------------------------------
     def action_two_concepts(self) -> None:
@@ -388,10 +429,12 @@ class MainScreen(Screen):
         self.app.push_screen(TwoConceptDialog(), done)
 
     def start_query(self, texts: list[str], title: str, extra: list[str]) -> None:
-        self.notify(f"ranking neurons by “{title}” (loading CLIP the first time)…", timeout=3)
+        self.notify(
+            f"ranking neurons by “{printable(title)}” (loading CLIP the first time)…", timeout=3, markup=False
+        )
         self.run_query(texts, title, extra)
 
-    @work(thread=True, exclusive=True, group="query")
+    @work(thread=True, exclusive=True, group="query", exit_on_error=False)
     def run_query(self, texts: list[str], title: str, extra: list[str]) -> None:
         worker = get_current_worker()
         assert self.model is not None
@@ -413,10 +456,15 @@ class MainScreen(Screen):
         assert self.model is not None
         self.model.set_query(q)
         self.sort, self.reverse = "query", False
-        self.refresh_view()
+        self.refresh_view(top=True)  # a ranking opens at its best match
 
     def _query_failed(self, message: str, text: str) -> None:
         # Without CLIP weights, fall back to substring search over labels and top concepts.
-        self.notify(f"{message} — showing a substring search instead", severity="warning", timeout=8)
+        self.notify(
+            f"{printable(message)} — showing a substring search instead",
+            severity="warning",
+            timeout=8,
+            markup=False,
+        )
         self._set_mode("text")
         self.query_one("#filter", Input).value = text

@@ -1,0 +1,52 @@
+"""One place where a failed browser worker is reported: a one-line error, never a traceback.
+
+Every worker runs with ``exit_on_error=False``; Textual then posts ``Worker.StateChanged`` to the
+screen that started it (the message does not bubble), and every screen inherits the handler below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual.worker import Worker, WorkerState
+
+from dissect_tui.errors import UserError
+from dissect_tui.text import printable
+
+if TYPE_CHECKING:
+    from textual.app import App
+
+# A worker of this group loads the run: without it there is nothing to browse, so its failure ends
+# the app with `error: …` and exit status 2, as a bad cache does before the app starts.
+FATAL_GROUPS = frozenset({"load"})
+
+
+def error_line(exc: BaseException | None) -> str:
+    """``error: …`` on one line, safe to show: the first line of the message, control characters made visible."""
+    if exc is None:
+        return "error: unknown failure"
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else ""
+    if not isinstance(exc, UserError):  # an unexpected failure: its kind helps a bug report
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return "error: " + printable(message)
+
+
+def report_worker_error(app: App, worker: Worker) -> None:
+    """Show a failed worker's error as one line; a failed load ends the app (exit 2)."""
+    line = error_line(worker.error)
+    if worker.group in FATAL_GROUPS:
+        app.exit(return_code=2, message=Text(line))
+    else:
+        app.notify(line, severity="error", timeout=10, markup=False)
+
+
+class ReportsWorkerErrors:
+    """Mixin for the browser's screens: their workers' failures are reported, the app stays usable."""
+
+    app: App
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            report_worker_error(self.app, event.worker)
