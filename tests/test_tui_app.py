@@ -77,7 +77,7 @@ def main_screen(app: BrowserApp) -> MainScreen:
 
 def shown(app: BrowserApp) -> list[tuple[str, int]]:
     scr = main_screen(app)
-    return [scr.model.key(int(r)) for r in scr.query_one(NeuronTable).rows]
+    return [scr.session.model.key(int(r)) for r in scr.query_one(NeuronTable).rows]
 
 
 def expected_neurons(
@@ -175,20 +175,20 @@ async def test_odd_filter_text_is_harmless(cache):
         scr = main_screen(app)
         hay = [
             f"{a}\t{b}".casefold()
-            for a, b in zip(scr.model.table.label, scr.model.table.top_concepts, strict=True)
+            for a, b in zip(scr.session.model.table.label, scr.session.model.table.top_concepts, strict=True)
         ]
         for text in ODD_TEXTS:
             app.screen.query_one("#filter").value = text
             await pilot.pause()
             needle = text.strip().casefold()
-            want = [scr.model.key(i) for i, h in enumerate(hay) if needle in h]
+            want = [scr.session.model.key(i) for i, h in enumerate(hay) if needle in h]
             assert shown(app) == want, text
             if not want:  # an empty view says why, and Enter/m on it do nothing
                 table = scr.query_one(NeuronTable)
                 assert "no neuron matches" in table.render_line(2).text
                 table.focus()
                 await pilot.press("enter", "m")
-                assert app.screen is scr and not scr.model.pinned.any()
+                assert app.screen is scr and not scr.session.model.pinned.any()
                 scr.query_one("#filter").focus()
         assert len(shown(app)) == 46  # blank text: no filter
     assert len(expected_neurons(cache)) == 46  # the cache is untouched
@@ -219,17 +219,17 @@ async def test_cutoff_steps_and_interpretable_only(cache):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
-        assert scr.filters.cutoff == pytest.approx(0.16)  # the run's cutoff
+        assert scr.session.filters.cutoff == pytest.approx(0.16)  # the run's cutoff
         await pilot.press("i")
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.16")
         for _ in range(15):
             await pilot.press("plus")
-        assert scr.filters.cutoff == pytest.approx(0.31)
+        assert scr.session.filters.cutoff == pytest.approx(0.31)
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.31")
         status = str(app.screen.query_one("#status").render())
         assert "τ=0.310" in status and f"({len(shown(app))}/46" in status
         await pilot.press("minus")
-        assert scr.filters.cutoff == pytest.approx(0.30)
+        assert scr.session.filters.cutoff == pytest.approx(0.30)
         # Exact value through the dialog; a bad value is refused without closing it.
         await pilot.press("t")
         box = app.screen.query_one("#value")
@@ -239,7 +239,7 @@ async def test_cutoff_steps_and_interpretable_only(cache):
         box.value = "0.4"
         await pilot.press("enter")
         await pilot.pause()
-        assert scr.filters.cutoff == pytest.approx(0.4)
+        assert scr.session.filters.cutoff == pytest.approx(0.4)
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.4")
         # Layer counts follow the cutoff.
         layers = [str(o.prompt) for o in app.screen.query_one("#layers")._options]
@@ -254,16 +254,16 @@ async def test_sorting_by_score_and_reverse(cache):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
-        while scr.sort != "score":
+        while scr.session.sort != "score":
             await pilot.press("s")
-        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        sims = [scr.session.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert sims == sorted(sims, reverse=True)
         await pilot.press("r")
-        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        sims = [scr.session.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert sims == sorted(sims)
-        while scr.sort != "label":
+        while scr.session.sort != "label":
             await pilot.press("s")
-        labels = [scr.model.table.label[int(r)] for r in scr.query_one(NeuronTable).rows]
+        labels = [scr.session.model.table.label[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert labels == sorted(labels)
 
 
@@ -347,7 +347,7 @@ async def test_next_follows_the_filtered_view(cache):
         await pilot.press("escape")
         await pilot.pause()
         table = main_screen(app).query_one(NeuronTable)
-        assert main_screen(app).model.key(table.current_row()) == view[1]
+        assert main_screen(app).session.model.key(table.current_row()) == view[1]
 
 
 async def test_missing_thumbnail_shows_placeholder(tmp_path):
@@ -373,9 +373,10 @@ async def test_help_screen_lists_keys(cache):
         await settle(app, pilot)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+        from dissect_tui.tui.app import help_sections
         from dissect_tui.tui.help import help_table
 
-        rendered = "".join(seg.text for seg in app.console.render(help_table()))
+        rendered = "".join(seg.text for seg in app.console.render(help_table(help_sections())))
         for needle in ("Two concepts", "Concept query", "Set τ", "Export", "Next", "Previous", "SQL", "Quit"):
             assert needle in rendered
         # Keys read as on the keyboard, not as Textual's internal names.
@@ -472,16 +473,16 @@ async def test_concept_query_without_clip_falls_back_to_substring(cache, monkeyp
             raise UserError("concept queries need this run's CLIP (tiny:none): not on this machine")
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: NoClip())
+    monkeypatch.setattr(app.session, "explainer", lambda: NoClip())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("c", *"dog", "enter")
         await settle(app, pilot)
         scr = main_screen(app)
-        assert scr.mode == "text" and scr.filters.text == "dog"
-        assert scr.model.query is None
-        assert shown(app) and all("dog" in scr.model.table.label[scr.model.row_of(*k)]
-                                  + scr.model.table.top_concepts[scr.model.row_of(*k)] for k in shown(app))  # fmt: skip
+        assert scr.mode == "text" and scr.session.filters.text == "dog"
+        assert scr.session.model.query is None
+        assert shown(app) and all("dog" in scr.session.model.table.label[scr.session.model.row_of(*k)]
+                                  + scr.session.model.table.top_concepts[scr.session.model.row_of(*k)] for k in shown(app))  # fmt: skip
 
 
 # -- the command line: bad caches give one clear line, no traceback -------------------------
@@ -623,13 +624,13 @@ async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypat
             return rng.uniform(-1, 1, size=(len(table), len(texts)))
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: Fake())
+    monkeypatch.setattr(app.session, "explainer", lambda: Fake())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
         scr.start_query(["red car", "red", "car"], "red car", ["red", "car"])
         await settle(app, pilot)
-        q = scr.model.query
+        q = scr.session.model.query
         table = scr.query_one(NeuronTable)
         width = table.scrollable_content_region.width
         header = table._header(width).plain
@@ -645,7 +646,7 @@ async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypat
         preview = str(scr.query_one("#preview").render())
         for name, col in [("red car", q.scores), *q.extra.items()]:
             assert f"{name} {col[row]:.3f}" in preview
-        scr.filters.pinned_only = True
+        scr.session.filters.pinned_only = True
         scr.set_cutoff(1e300)
         await pilot.pause()
         status = scr.query_one("#status")
@@ -677,7 +678,7 @@ async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache,
             raise Cancelled
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: Slow())
+    monkeypatch.setattr(app.session, "explainer", lambda: Slow())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("enter")
@@ -828,7 +829,7 @@ async def _export_ranked_view(app, pilot, path: Path) -> tuple[list[tuple[str, i
     scr = main_screen(app)
     for _ in range(14):
         await pilot.press("plus")
-    assert scr.filters.cutoff == pytest.approx(0.30)
+    assert scr.session.filters.cutoff == pytest.approx(0.30)
     scr.start_query(["red car", "red", "car"], "red car", ["red", "car"])
     await settle(app, pilot)
     view = shown(app)
@@ -846,10 +847,10 @@ async def test_export_passes_the_view_to_the_store(cache, tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(export_mod, "export_neurons", lambda *a, **k: calls.append((a, k)) or len(k["keys"]))
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: FakeRanking())
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
     async with app.run_test(size=SIZE) as pilot:
         view, rows, scr = await _export_ranked_view(app, pilot, tmp_path / "v.csv")
-        q = scr.model.query
+        q = scr.session.model.query
     [(args, kwargs)] = calls
     assert kwargs["keys"] == view and kwargs["keep_order"] is True
     assert kwargs["cutoff"] == pytest.approx(0.30)
@@ -862,10 +863,10 @@ async def test_export_passes_the_view_to_the_store(cache, tmp_path, monkeypatch)
 async def test_export_writes_the_shown_cutoff_order_and_query_scores(cache, tmp_path, monkeypatch):
     out = tmp_path / "ranked.csv"
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: FakeRanking())
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
     async with app.run_test(size=SIZE) as pilot:
         view, rows, scr = await _export_ranked_view(app, pilot, out)
-        q = scr.model.query
+        q = scr.session.model.query
     with open(out, newline="", encoding="utf-8") as f:
         written = list(csv.DictReader(f))
     assert [(r["layer"], int(r["unit"])) for r in written] == view  # the on-screen order
@@ -879,7 +880,7 @@ async def test_export_writes_the_shown_cutoff_order_and_query_scores(cache, tmp_
 @pytest.mark.parametrize("how", ["concept", "two"])
 async def test_a_ranking_opens_at_its_best_row(cache, monkeypatch, how):
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: FakeRanking())
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         table = main_screen(app).query_one(NeuronTable)
@@ -890,7 +891,7 @@ async def test_a_ranking_opens_at_its_best_row(cache, monkeypatch, how):
         else:
             await pilot.press("2", *"red", "tab", *"car", "enter")
         await settle(app, pilot)
-        q = main_screen(app).model.query
+        q = main_screen(app).session.model.query
         assert q is not None
         assert table.cursor == 0 and table.current_row() == int(np.argmax(q.scores))
         assert table.scroll_offset.y == 0
@@ -905,7 +906,7 @@ async def test_interpretable_only_keeps_the_cursor_near_its_neuron(cache):
         scr.set_cutoff(0.33)  # about half the neurons fall below τ
         await pilot.pause()
         before = list(table.rows)
-        good = scr.model.interpretable(scr.filters.cutoff)
+        good = scr.session.model.interpretable(scr.session.filters.cutoff)
         # A neuron below τ with several below-τ neurons above it: its old index points elsewhere.
         pos = next(
             i for i, r in enumerate(before) if not good[r] and sum(not good[x] for x in before[:i]) >= 2

@@ -40,10 +40,10 @@ async def test_two_concept_search_ranks_all_neurons(clip_cache):
         await settle(app, pilot)
         scr = app.screen
         assert isinstance(scr, MainScreen)
-        q = scr.model.query
+        q = scr.session.model.query
         assert q is not None and q.title == "red car" and list(q.extra) == ["red", "car"]
         # Same numbers as asking the explainer directly, and the table is ranked by them.
-        want = app.explainer().query_scores(["red car", "red", "car"], scr.model.table)
+        want = app.session.explainer().query_scores(["red car", "red", "car"], scr.session.model.table)
         np.testing.assert_allclose(q.scores, want[:, 0])
         np.testing.assert_allclose(q.extra["car"], want[:, 2])
         rows = scr.query_one(NeuronTable).rows
@@ -51,12 +51,12 @@ async def test_two_concept_search_ranks_all_neurons(clip_cache):
         assert "ranked by “red car”" in str(scr.query_one("#status").render())
         # Esc drops the ranking.
         await pilot.press("escape")
-        assert scr.model.query is None and scr.sort == "layer"
+        assert scr.session.model.query is None and scr.session.sort == "layer"
         # The concept-query mode ranks by one free text.
         await pilot.press("c", *"zebra stripes", "enter")
         await settle(app, pilot)
-        assert scr.model.query is not None and scr.model.query.title == "zebra stripes"
-    assert app.sidecar is not None and "zebra stripes" in app.sidecar.recent_queries()
+        assert scr.session.model.query is not None and scr.session.model.query.title == "zebra stripes"
+    assert app.session.sidecar is not None and "zebra stripes" in app.session.sidecar.recent_queries()
 
 
 async def test_compose_from_a_neuron_is_saved_for_the_next_session(clip_cache):

@@ -113,11 +113,11 @@ async def test_every_screen_shows_hostile_text_inert(hostile, tmp_path, monkeypa
 
     monkeypatch.setattr(export_mod, "export_neurons", lambda *a, **k: 3)
     app = make_app(hostile)
-    monkeypatch.setattr(app, "explainer", lambda: FakeClip())
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeClip())
     async with app.run_test(size=size, notifications=True) as pilot:
         await settle(app, pilot)
         scr = app.screen
-        assert isinstance(scr, MainScreen) and scr.model is not None and scr.model.n == 16
+        assert isinstance(scr, MainScreen) and scr.session.model is not None and scr.session.model.n == 16
         out = assert_inert(app, "main")
         assert "␛" in out  # the stand-in is shown instead
         # Layer list with selections, a filter, interpretable only, pins.
@@ -128,11 +128,14 @@ async def test_every_screen_shows_hostile_text_inert(hostile, tmp_path, monkeypa
         # A concept query and a two-concept search whose texts are markup.
         await pilot.press("c", *"[/x] dog", "enter")
         await settle(app, pilot)
-        assert scr.model.query is not None and scr.model.query.title == "[/x] dog"
+        assert scr.session.model.query is not None and scr.session.model.query.title == "[/x] dog"
         assert_inert(app, "main ranked")
         await pilot.press("2", *"car[/]", "tab", *"[@click=app.quit]b", "enter")
         await settle(app, pilot)
-        assert scr.model.query is not None and scr.model.query.title == "car[/] [@click=app.quit]b"
+        assert (
+            scr.session.model.query is not None
+            and scr.session.model.query.title == "car[/] [@click=app.quit]b"
+        )
         assert_inert(app, "main two-concept ranking")
         # Detail, compose, back.
         await pilot.press("enter")

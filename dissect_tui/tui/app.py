@@ -1,4 +1,8 @@
-"""The `dissect-tui browse` application: state shared by the screens, and the cursors they query with.
+"""The `dissect-tui browse` application: owns the session and pushes the first screen.
+
+Import graph (checked by a test, no cycles): app → main → detail → compose; every screen →
+session, base, widgets. Screens never import the app: they get the session in their constructor
+and answer with Textual messages or ``dismiss`` results, as harlequin's components do.
 
 No torch here: the CLIP text tower is loaded by dissect_tui.explain, imported inside a worker
 the first time a concept query or composition needs it.
@@ -6,26 +10,24 @@ the first time a concept query or composition needs it.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 from textual.app import App
 from textual.binding import Binding
-from textual.widget import Widget
-from textual.widgets import Input, TextArea
 
 from dissect_tui.store.reader import CacheReader
-from dissect_tui.store.sidecar import Sidecar, run_key, sidecar_path
-from dissect_tui.text import printable
+from dissect_tui.tui.base import ReportsWorkerErrors, is_text_entry
+from dissect_tui.tui.compose import ComposeScreen
+from dissect_tui.tui.detail import DetailScreen
+from dissect_tui.tui.help import NAV, HelpScreen, HelpSection, binding_rows
+from dissect_tui.tui.main import MainScreen
+from dissect_tui.tui.neuron_table import NeuronTable
+from dissect_tui.tui.session import BrowseSession
+from dissect_tui.tui.sql import SqlScreen
 
 
-def is_text_entry(widget: Widget | None) -> bool:
-    """True while keys go to a text box: single-key bindings then type, so the footer hides them."""
-    return isinstance(widget, Input | TextArea)
-
-
-class BrowserApp(App):
+class BrowserApp(ReportsWorkerErrors, App):
     """Browse one run of a cache. ``reader`` is an open read-only CacheReader."""
 
     CSS_PATH = "browse.tcss"
@@ -46,15 +48,10 @@ class BrowserApp(App):
         sidecar_file: Path | None = None,
     ) -> None:
         super().__init__()
-        self.reader = reader
-        self.requested_run = run_id
         self.graphics = graphics
-        self.image_cls = image_cls
-        self._sidecar_file = sidecar_file
-        self.sidecar: Sidecar | None = None
-        self.run_info: dict[str, Any] = {}
-        self._explainer: Any = None
-        self._explainer_lock = threading.Lock()
+        self.session = BrowseSession(
+            reader, requested_run=run_id, image_cls=image_cls, sidecar_file=sidecar_file
+        )
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("quit", "help", "sql") and is_text_entry(self.focused):
@@ -62,47 +59,29 @@ class BrowserApp(App):
         return True
 
     def on_mount(self) -> None:
-        from dissect_tui.tui.main import MainScreen
+        self.push_screen(MainScreen(self.session))
 
-        self.push_screen(MainScreen())
-
-    # -- shared services -------------------------------------------------------------
     def cursor(self) -> CacheReader:
-        """A reader on its own DuckDB cursor, for one worker thread (close it when done)."""
-        return CacheReader(self.reader.con.cursor(), self.reader.path)
-
-    def open_sidecar(self, run: dict[str, Any]) -> Sidecar | None:
-        """The writable sidecar for this run, or None when no writable place exists."""
-        if self.reader.path is None:
-            return None
-        try:
-            path = self._sidecar_file or sidecar_path(self.reader.path)
-            self.sidecar = Sidecar(path, run_key(run))
-        except Exception as exc:  # saving is a convenience: browsing must go on without it
-            self.call_from_thread(
-                self.notify, f"results will not be saved: {printable(exc)}", severity="warning", markup=False
-            )
-            self.sidecar = None
-        return self.sidecar
-
-    def explainer(self) -> Any:
-        """The CLIP-backed explainer (loads torch and the text tower); call from a worker thread."""
-        with self._explainer_lock:
-            if self._explainer is None:
-                from dissect_tui.explain import Explainer
-
-                self._explainer = Explainer(self.cursor, self.run_info)
-            return self._explainer
+        """A reader on its own DuckDB cursor (the SQL screen's way to the cache)."""
+        return self.session.cursor()
 
     # -- global actions ----------------------------------------------------------------
     def action_help(self) -> None:
-        from dissect_tui.tui.help import HelpScreen
-
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(help_sections()))
 
     def action_sql(self) -> None:
-        from dissect_tui.tui.sql import SqlScreen
-
         if not isinstance(self.screen, SqlScreen):
             self.push_screen(SqlScreen())
+
+
+def help_sections() -> list[HelpSection]:
+    """Every key of every screen, from the screens' own bindings."""
+    return [
+        ("Everywhere", binding_rows(BrowserApp.BINDINGS)),
+        ("Navigation", NAV),
+        ("Main screen", binding_rows(MainScreen.BINDINGS) + binding_rows(NeuronTable.BINDINGS)),
+        ("Neuron detail", binding_rows(DetailScreen.BINDINGS)),
+        ("Two-concept explanation", binding_rows(ComposeScreen.BINDINGS)),
+        ("SQL screen", binding_rows(SqlScreen.BINDINGS)),
+    ]

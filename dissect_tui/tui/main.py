@@ -10,7 +10,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.message import Message
 from textual.widgets import Footer, Input, SelectionList, Static
 from textual.widgets.selection_list import Selection
 from textual.worker import get_current_worker
@@ -19,10 +19,12 @@ from dissect_tui.errors import UserError
 from dissect_tui.store.browse import NeuronTable as NeuronColumns
 from dissect_tui.store.browse import load_neuron_table, load_top_concepts
 from dissect_tui.text import printable
-from dissect_tui.tui.app import is_text_entry
+from dissect_tui.tui.base import BrowseScreen, is_text_entry
+from dissect_tui.tui.detail import DetailScreen
+from dissect_tui.tui.dialogs import CutoffDialog, ExportDialog, TwoConceptDialog
 from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
 from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
-from dissect_tui.tui.workers import ReportsWorkerErrors
+from dissect_tui.tui.session import BrowseSession
 
 CUTOFF_STEP = 0.01
 
@@ -32,7 +34,7 @@ def fmt_cutoff(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-class MainScreen(ReportsWorkerErrors, Screen):
+class MainScreen(BrowseScreen):
     BINDINGS = [
         Binding("slash", "filter_text", "Filter", key_display="/"),
         Binding("c", "concept_query", "Concept query"),
@@ -53,12 +55,30 @@ class MainScreen(ReportsWorkerErrors, Screen):
         Binding("escape", "back", "Drop the CLIP ranking", show=False),
     ]
 
-    def __init__(self) -> None:
+    # Workers report through these messages (post_message is thread-safe); handlers run on the UI.
+    class Loaded(Message):
+        def __init__(self, run: dict, table: NeuronColumns, pins: list[tuple[str, int]], warning: str | None):
+            super().__init__()
+            self.run, self.table, self.pins, self.warning = run, table, pins, warning
+
+    class TopsLoaded(Message):
+        def __init__(self, tops: list[str]) -> None:
+            super().__init__()
+            self.tops = tops
+
+    class QueryDone(Message):
+        def __init__(self, query: QueryScores) -> None:
+            super().__init__()
+            self.query = query
+
+    class QueryFailed(Message):
+        def __init__(self, message: str, text: str) -> None:
+            super().__init__()
+            self.message, self.text = message, text
+
+    def __init__(self, session: BrowseSession) -> None:
         super().__init__()
-        self.model: NeuronModel | None = None
-        self.filters = Filters()
-        self.sort = "layer"
-        self.reverse = False
+        self.session = session
         self.mode = "text"  # what the filter box does: 'text' filters, 'concept' ranks with CLIP
         self.view_rows = np.zeros(0, dtype=np.int64)
         self.last_update_ms = 0.0
@@ -81,41 +101,36 @@ class MainScreen(ReportsWorkerErrors, Screen):
         self.query_one("#table", NeuronTable).focus()
         self.load()
 
+    def on_screen_resume(self) -> None:
+        self.query_one("#table", NeuronTable).refresh()  # pins may have changed on the detail screen
+
     # -- loading (worker) --------------------------------------------------------------
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def load(self) -> None:
-        app = self.app
-        cur = app.cursor()
+        session = self.session
+        cur = session.cursor()
         try:
-            run = cur.run(app.requested_run)
+            run = cur.run(session.requested_run)
             table = load_neuron_table(cur, run["run_id"], n_top=None)
-            sidecar = app.open_sidecar(run)
-            pins = sidecar.pins() if sidecar else []
-            app.call_from_thread(self._loaded, run, table, pins)
+            warning = session.open_sidecar(run)
+            pins = session.sidecar.pins() if session.sidecar else []
+            self.post_message(self.Loaded(run, table, pins, warning))
             # Paint first; the top concepts (for the text filter) follow, ~1 s per 100k neurons.
-            tops = load_top_concepts(cur, run["run_id"], table)
-            app.call_from_thread(self._tops_loaded, tops)
-        except UserError as exc:
-            app.call_from_thread(app.exit, return_code=2, message=Text(f"error: {printable(exc)}"))
+            self.post_message(self.TopsLoaded(load_top_concepts(cur, run["run_id"], table)))
         finally:
             cur.close()
 
-    def _tops_loaded(self, tops: list[str]) -> None:
-        assert self.model is not None
-        self.model.set_top_concepts(tops)
-        self.refresh_view()
-        row = self.query_one("#table", NeuronTable).current_row()
-        self._preview(NeuronTable.Highlighted(row))
-
-    def _loaded(self, run: dict, table: NeuronColumns, pins: list[tuple[str, int]]) -> None:
-        self.app.run_info = run
-        self.model = NeuronModel(table)
-        for key in pins:
-            row = self.model.row_of(*key)
+    @on(Loaded)
+    def _loaded(self, event: Loaded) -> None:
+        run, table = event.run, event.table
+        model = NeuronModel(table)
+        for key in event.pins:
+            row = model.row_of(*key)
             if row is not None:
-                self.model.pinned[row] = True
-        cutoff = run.get("cutoff")
-        self.filters.cutoff = float(cutoff) if cutoff is not None else 0.16
+                model.pinned[row] = True
+        self.session.start(run, model)
+        if event.warning:
+            self.notify(printable(event.warning), severity="warning", markup=False)
         target = run.get("target") or "?"
         self.query_one("#title", Static).update(
             Text.assemble(
@@ -127,15 +142,25 @@ class MainScreen(ReportsWorkerErrors, Screen):
         self._fill_layers()
         self.refresh_view()
 
+    @on(TopsLoaded)
+    def _tops_loaded(self, event: TopsLoaded) -> None:
+        model = self.session.model
+        assert model is not None
+        model.set_top_concepts(event.tops)
+        self.refresh_view()
+        row = self.query_one("#table", NeuronTable).current_row()
+        self._preview(NeuronTable.Highlighted(row))
+
     # -- view --------------------------------------------------------------------------
     def _fill_layers(self) -> None:
-        assert self.model is not None
+        model = self.session.model
+        assert model is not None
         sel = self.query_one("#layers", SelectionList)
-        chosen = set(self.filters.layers)
+        chosen = set(self.session.filters.layers)
         highlighted = sel.highlighted
         sel.clear_options()
         options = []
-        self._layer_rows = self.model.layer_counts(self.filters.cutoff)
+        self._layer_rows = model.layer_counts(self.session.filters.cutoff)
         for i in range(len(self._layer_rows)):
             options.append(Selection(self._layer_prompt(i, i in chosen), i, i in chosen))
         sel.add_options(options)
@@ -150,50 +175,50 @@ class MainScreen(ReportsWorkerErrors, Screen):
 
     def refresh_view(self, top: bool = False) -> None:
         """Recompute the view; ``top`` puts the cursor on its first row (a new ranking's best)."""
-        if self.model is None:
+        s = self.session
+        if s.model is None:
             return
         t0 = time.perf_counter()
-        self.view_rows = self.model.view(self.filters, self.sort, self.reverse)
+        self.view_rows = s.model.view(s.filters, s.sort, s.reverse)
         table = self.query_one("#table", NeuronTable)
-        table.set_view(self.model, self.view_rows, self.filters.cutoff, self.sort, self.reverse, top=top)
+        table.set_view(s.model, self.view_rows, s.filters.cutoff, s.sort, s.reverse, top=top)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         self._update_status()
 
     def _update_status(self) -> None:
-        assert self.model is not None
-        f = self.filters
-        good = int(self.model.interpretable(f.cutoff).sum())
+        s = self.session
+        assert s.model is not None
+        f = s.filters
+        good = int(s.model.interpretable(f.cutoff).sum())
         parts: list[str | Text] = [
-            f"τ={fmt_cutoff(f.cutoff)} ({good:,}/{self.model.n:,} {INTERPRETABLE})",
-            f"sort {self.sort}{'▲' if self.reverse else '▼'}",
+            f"τ={fmt_cutoff(f.cutoff)} ({good:,}/{s.model.n:,} {INTERPRETABLE})",
+            f"sort {s.sort}{'▲' if s.reverse else '▼'}",
             f"{len(self.view_rows):,} shown",
         ]
         if f.layers:
-            parts.append(
-                "layers " + ",".join(printable(self.model.table.layers[i]) for i in sorted(f.layers))
-            )
+            parts.append("layers " + ",".join(printable(s.model.table.layers[i]) for i in sorted(f.layers)))
         if f.text and self.mode != "text":  # in text mode the box itself shows it
             parts.append(f"filter “{printable(f.text)}”")
         if f.interpretable_only:
             parts.append(f"{INTERPRETABLE} only")
         if f.pinned_only:
             parts.append("pinned only")
-        if self.model.query is not None:
-            parts.append(f"ranked by “{printable(self.model.query.title)}”")
+        if s.model.query is not None:
+            parts.append(f"ranked by “{printable(s.model.query.title)}”")
         if self.mode == "concept":
             parts.append(Text.assemble(("concept query", "bold"), ": type, Enter"))
         # Plain text, never markup: layer names, the filter and the query come from the cache or the user.
-        self.query_one("#status", Static).update(
-            Text(" · ").join(Text(p) if isinstance(p, str) else p for p in parts)
-        )
+        status = Text(" · ").join(Text(p) if isinstance(p, str) else p for p in parts)
+        self.query_one("#status", Static).update(status)
 
     @on(NeuronTable.Highlighted)
     def _preview(self, event: NeuronTable.Highlighted) -> None:
+        model = self.session.model
         text = ""
-        if self.model is not None and event.row is not None:
-            tops = self.model.table.top_concepts[event.row]
+        if model is not None and event.row is not None:
+            tops = model.table.top_concepts[event.row]
             text = f"top concepts: {printable(tops)}" if tops else ""
-            q = self.model.query
+            q = model.query
             if q is not None:  # the query scores, also those the table has no room for at 80 columns
                 scores = [(q.title, q.scores)] + list(q.extra.items())
                 text = " · ".join(
@@ -205,7 +230,7 @@ class MainScreen(ReportsWorkerErrors, Screen):
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         if self.mode == "text":
-            self.filters.text = event.value
+            self.session.filters.text = event.value
             self.refresh_view()
 
     @on(Input.Submitted, "#filter")
@@ -236,8 +261,9 @@ class MainScreen(ReportsWorkerErrors, Screen):
         )
         # One box, two uses: a concept query starts empty, and the text filter stays applied
         # underneath it (the status line names it) until it is edited again with / or cleared with x.
-        box.value = "" if mode == "concept" else self.filters.text
-        self._update_status()
+        box.value = "" if mode == "concept" else self.session.filters.text
+        if self.session.model is not None:
+            self._update_status()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # While the filter box has focus every key but Esc is text: don't offer + - s … in the footer.
@@ -251,47 +277,50 @@ class MainScreen(ReportsWorkerErrors, Screen):
     # -- actions -------------------------------------------------------------------------
     @on(NeuronTable.Selected)
     def _open(self, event: NeuronTable.Selected) -> None:
-        from dissect_tui.tui.detail import DetailScreen
-
         index = int(np.flatnonzero(self.view_rows == event.row)[0])
-        self.app.push_screen(DetailScreen(self, index))
+        self.app.push_screen(DetailScreen(self.session, self.view_rows.copy(), index), self._follow)
+
+    def _follow(self, row: int | None) -> None:
+        """Back from the detail screen: the table cursor on the neuron n/p led to."""
+        if row is not None:
+            self.query_one("#table", NeuronTable).move_to_row(row)
 
     def action_cutoff(self, steps: int) -> None:
-        self.set_cutoff(round(self.filters.cutoff + steps * CUTOFF_STEP, 6))
+        self.set_cutoff(round(self.session.filters.cutoff + steps * CUTOFF_STEP, 6))
 
     def set_cutoff(self, value: float) -> None:
-        self.filters.cutoff = value
-        if self.model is not None:
+        self.session.filters.cutoff = value
+        if self.session.model is not None:
             self._fill_layers()
         self.refresh_view()
 
     def action_type_cutoff(self) -> None:
-        from dissect_tui.tui.dialogs import CutoffDialog
-
         def done(value: float | None) -> None:
             if value is not None:
                 self.set_cutoff(value)
 
-        self.app.push_screen(CutoffDialog(self.filters.cutoff, self._percentiles()), done)
+        self.app.push_screen(CutoffDialog(self.session.filters.cutoff, self._percentiles()), done)
 
     def _percentiles(self) -> str:
-        if self.model is None or not self.model.n:
+        model = self.session.model
+        if model is None or not model.n:
             return ""
-        q = np.quantile(self.model.table.similarity, [0.5, 0.9, 0.99])
+        q = np.quantile(model.table.similarity, [0.5, 0.9, 0.99])
         return f"median {q[0]:.3f} · p90 {q[1]:.3f} · p99 {q[2]:.3f}"
 
     def action_toggle_interpretable(self) -> None:
-        self.filters.interpretable_only = not self.filters.interpretable_only
+        self.session.filters.interpretable_only = not self.session.filters.interpretable_only
         self.refresh_view()
 
     def action_cycle_sort(self) -> None:
-        keys = [k for k in SORT_KEYS if k != "query" or (self.model and self.model.query)]
-        self.sort = keys[(keys.index(self.sort) + 1) % len(keys)] if self.sort in keys else keys[0]
-        self.reverse = False
+        s = self.session
+        keys = [k for k in SORT_KEYS if k != "query" or (s.model and s.model.query)]
+        s.sort = keys[(keys.index(s.sort) + 1) % len(keys)] if s.sort in keys else keys[0]
+        s.reverse = False
         self.refresh_view()
 
     def action_reverse_sort(self) -> None:
-        self.reverse = not self.reverse
+        self.session.reverse = not self.session.reverse
         self.refresh_view()
 
     def action_focus_layers(self) -> None:
@@ -305,77 +334,65 @@ class MainScreen(ReportsWorkerErrors, Screen):
 
     @on(SelectionList.SelectedChanged, "#layers")
     def _layers_changed(self, event: SelectionList.SelectedChanged) -> None:
-        self.filters.layers = frozenset(event.selection_list.selected)
+        self.session.filters.layers = frozenset(event.selection_list.selected)
         sel = event.selection_list
         for i in range(min(sel.option_count, len(self._layer_rows))):
-            sel.replace_option_prompt_at_index(i, self._layer_prompt(i, i in self.filters.layers))
+            sel.replace_option_prompt_at_index(i, self._layer_prompt(i, i in self.session.filters.layers))
         self.refresh_view()
 
     def action_pin(self) -> None:
         row = self.query_one("#table", NeuronTable).current_row()
-        if row is not None:
-            self.toggle_pin(row)
-
-    def toggle_pin(self, row: int) -> None:
-        if self.model is None:
-            return
-        self.model.pinned[row] = not self.model.pinned[row]
-        self.save_pin(*self.model.key(row), bool(self.model.pinned[row]))
-        self.query_one("#table", NeuronTable).refresh()
+        if row is not None and self.session.model is not None:
+            self.save_pin(*self.session.toggle_pin(row))
+            self.query_one("#table", NeuronTable).refresh()
 
     @work(thread=True, group="pins", exit_on_error=False)
     def save_pin(self, layer: str, unit: int, pinned: bool) -> None:
-        if self.app.sidecar is not None:
-            self.app.sidecar.set_pin(layer, unit, pinned)
+        self.session.save_pin(layer, unit, pinned)
 
     def action_pinned_only(self) -> None:
-        self.filters.pinned_only = not self.filters.pinned_only
+        self.session.filters.pinned_only = not self.session.filters.pinned_only
         self.refresh_view()
 
     def action_clear(self) -> None:
-        self.filters = Filters(cutoff=self.filters.cutoff)
+        s = self.session
+        s.filters = Filters(cutoff=s.filters.cutoff)
         self.query_one("#filter", Input).value = ""
         self.query_one("#layers", SelectionList).deselect_all()
-        if self.model is not None:
-            self.model.set_query(None)
-        self.sort, self.reverse = "layer", False
+        if s.model is not None:
+            s.model.set_query(None)
+        s.sort, s.reverse = "layer", False
         self.refresh_view()
 
-    def follow(self, row: int) -> None:
-        """Put the table cursor on ``row`` (the neuron the detail screen was left on)."""
-        self.query_one("#table", NeuronTable).move_to_row(row)
-
     def action_back(self) -> None:
-        if self.model is not None and self.model.query is not None:
-            self.model.set_query(None)
-            if self.sort == "query":
-                self.sort = "layer"
+        s = self.session
+        if s.model is not None and s.model.query is not None:
+            s.model.set_query(None)
+            if s.sort == "query":
+                s.sort = "layer"
             self.refresh_view()
 
     # -- export --------------------------------------------------------------------------
     def action_export(self, pinned: bool) -> None:
-        from dissect_tui.tui.dialogs import ExportDialog
-
-        if self.model is None:
+        s = self.session
+        if s.model is None:
             return
         # What is exported is what is shown: the on-screen order, τ and query scores.
         if pinned:
-            f = Filters(cutoff=self.filters.cutoff, pinned_only=True)
-            rows = self.model.view(f, self.sort, self.reverse)
+            rows = s.model.view(Filters(cutoff=s.filters.cutoff, pinned_only=True), s.sort, s.reverse)
         else:
             rows = self.view_rows
         if not len(rows):
             self.notify("nothing to export" + (" (no pinned neurons: press m)" if pinned else ""))
             return
-        keys = [self.model.key(int(r)) for r in rows]
+        keys = [s.model.key(int(r)) for r in rows]
         extra: dict[str, list[float]] = {}
-        q = self.model.query
+        q = s.model.query
         if q is not None:
             for name, col in [(q.title, q.scores), *q.extra.items()]:
                 extra.setdefault(f"query: {name}", col[rows].astype(float).tolist())
-        stem = self.app.reader.path.stem if self.app.reader.path else "neurons"
-        default = f"{stem}-{'pinned' if pinned else 'view'}.csv"
-        cutoff = self.filters.cutoff
+        default = f"{s.cache_stem}-{'pinned' if pinned else 'view'}.csv"
+        cutoff = s.filters.cutoff
 
         def done(choice: tuple[str, bool] | None) -> None:
             if choice:
@@ -394,11 +411,11 @@ class MainScreen(ReportsWorkerErrors, Screen):
     ) -> None:
         from dissect_tui.store.export import export_neurons
 
-        cur = self.app.cursor()
+        cur = self.session.cursor()
         try:
             n = export_neurons(
                 cur,
-                self.app.run_info["run_id"],
+                self.session.run_id,
                 path,
                 keys=keys,
                 cutoff=cutoff,
@@ -407,20 +424,14 @@ class MainScreen(ReportsWorkerErrors, Screen):
                 extra=extra or None,
             )
         except (UserError, OSError) as exc:
-            self.app.call_from_thread(
-                self.notify, f"export failed: {printable(exc)}", severity="error", markup=False
-            )
+            self.app.notify(f"export failed: {printable(exc)}", severity="error", markup=False)
             return
         finally:
             cur.close()
-        self.app.call_from_thread(
-            self.notify, f"wrote {n:,} neuron{'s' if n != 1 else ''} to {printable(path)}", markup=False
-        )
+        self.app.notify(f"wrote {n:,} neuron{'s' if n != 1 else ''} to {printable(path)}", markup=False)
 
     # -- concept queries (CLIP, in a worker) -------------------------------------------
     def action_two_concepts(self) -> None:
-        from dissect_tui.tui.dialogs import TwoConceptDialog
-
         def done(pair: tuple[str, str] | None) -> None:
             if pair:
                 a, b = pair
@@ -437,34 +448,38 @@ class MainScreen(ReportsWorkerErrors, Screen):
     @work(thread=True, exclusive=True, group="query", exit_on_error=False)
     def run_query(self, texts: list[str], title: str, extra: list[str]) -> None:
         worker = get_current_worker()
-        assert self.model is not None
+        model = self.session.model
+        assert model is not None
         try:
-            scores = self.app.explainer().query_scores(texts, self.model.table)
+            scores = self.session.explainer().query_scores(texts, model.table)
         except UserError as exc:
-            self.app.call_from_thread(self._query_failed, str(exc), title)
+            self.post_message(self.QueryFailed(str(exc), title))
             return
         if worker.is_cancelled:
             return
         q = QueryScores(
             title=title, scores=scores[:, 0], extra={n: scores[:, i + 1] for i, n in enumerate(extra)}
         )
-        if self.app.sidecar is not None:
-            self.app.sidecar.remember_query(title)
-        self.app.call_from_thread(self._query_done, q)
+        if self.session.sidecar is not None:
+            self.session.sidecar.remember_query(title)
+        self.post_message(self.QueryDone(q))
 
-    def _query_done(self, q: QueryScores) -> None:
-        assert self.model is not None
-        self.model.set_query(q)
-        self.sort, self.reverse = "query", False
+    @on(QueryDone)
+    def _query_done(self, event: QueryDone) -> None:
+        s = self.session
+        assert s.model is not None
+        s.model.set_query(event.query)
+        s.sort, s.reverse = "query", False
         self.refresh_view(top=True)  # a ranking opens at its best match
 
-    def _query_failed(self, message: str, text: str) -> None:
+    @on(QueryFailed)
+    def _query_failed(self, event: QueryFailed) -> None:
         # Without CLIP weights, fall back to substring search over labels and top concepts.
         self.notify(
-            f"{printable(message)} — showing a substring search instead",
+            f"{printable(event.message)} — showing a substring search instead",
             severity="warning",
             timeout=8,
             markup=False,
         )
         self._set_mode("text")
-        self.query_one("#filter", Input).value = text
+        self.query_one("#filter", Input).value = event.text

@@ -1,7 +1,8 @@
-"""One place where a failed browser worker is reported: a one-line error, never a traceback.
+"""What every browser screen shares: worker failures reported in one place, text-entry detection.
 
 Every worker runs with ``exit_on_error=False``; Textual then posts ``Worker.StateChanged`` to the
-screen that started it (the message does not bubble), and every screen inherits the handler below.
+screen that started it (the message does not bubble), and every screen inherits the one handler
+below: a one-line error, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.text import Text
+from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
+from textual.widgets import Input, TextArea
 from textual.worker import Worker, WorkerState
 
 from dissect_tui.errors import UserError
@@ -42,6 +46,11 @@ def report_worker_error(app: App, worker: Worker) -> None:
         app.notify(line, severity="error", timeout=10, markup=False)
 
 
+def is_text_entry(widget: Widget | None) -> bool:
+    """True while keys go to a text box: single-key bindings then type, so the footer hides them."""
+    return isinstance(widget, Input | TextArea)
+
+
 class ReportsWorkerErrors:
     """Mixin for the browser's screens: their workers' failures are reported, the app stays usable."""
 
@@ -50,3 +59,11 @@ class ReportsWorkerErrors:
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
             report_worker_error(self.app, event.worker)
+
+
+class BrowseScreen(ReportsWorkerErrors, Screen):
+    """A full browser screen."""
+
+
+class BrowseModal(ReportsWorkerErrors, ModalScreen):
+    """A browser screen over another one (dialogs, the composition, help)."""
