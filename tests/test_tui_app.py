@@ -145,23 +145,43 @@ async def test_text_filter_stays_under_a_concept_query(cache):
         assert "filter “[/b]”" in str(scr.query_one("#status").render())
 
 
-async def test_footer_hides_single_key_bindings_while_typing(cache):
+def footer_text(app: BrowserApp) -> str:
+    """The footer line as it is drawn."""
+    from textual.widgets import Footer
+
+    footer = app.screen.query_one(Footer)
+    return app.screen._compositor.render_strips()[footer.region.y].text
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_footer_shows_the_essential_keys_first_and_esc_while_typing(cache, size):
     def offered(app) -> set[str]:
         return {b.binding.action for b in app.screen.active_bindings.values()}
 
     app = make_app(cache)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=size) as pilot:
         await settle(app, pilot)
-        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        footer = footer_text(app)
+        # q and ? never fall off the edge, and the palette key is always there.
+        assert "q Quit" in footer and "? Help" in footer and "^p Commands" in footer, footer
+        assert footer.index("q Quit") < footer.index("/ Filter") < footer.index("c Query")
+        if size[0] >= 120:
+            for key in ("2 A+B", "+- τ", "i ✓only", "s Sort", "e Export", ": SQL"):
+                assert key in footer, (key, footer)
+        assert {"app.quit", "app.help", "cutoff(1)", "cycle_sort"} <= offered(app)
         await pilot.press("slash")
         await pilot.pause()
         typing = offered(app)
-        assert not typing & {"quit", "help", "sql", "cutoff(1)", "cutoff(-1)", "cycle_sort"}, typing
+        assert not typing & {"quit", "app.quit", "app.help", "sql", "cutoff(1)", "cutoff(-1)", "cycle_sort"}
+        footer = footer_text(app)
+        assert "esc Back" in footer and "Quit" not in footer and "Filter" not in footer, footer
         await pilot.press("q", "plus")  # typed, not run
         assert main_screen(app).query_one("#filter").value == "q+" and app.return_code is None
         await pilot.press("escape")
         await pilot.pause()
-        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        assert isinstance(app.focused, NeuronTable)
+        assert {"app.quit", "app.help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        assert "esc Back" not in footer_text(app)  # nothing to go back from
 
 
 ODD_TEXTS = ["50%", "it's", "ÜNÏCODE", "'; DROP TABLE neurons; --", "x" * 5000, '"%_\\', "   "]
@@ -208,7 +228,7 @@ async def test_layer_filter_one_and_several(cache):
         # Selection is marked by a symbol, not only by the checkbox colour.
         sel = app.screen.query_one("#layers")
         marks = [str(sel.get_option_at_index(i).prompt)[0] for i in range(sel.option_count)]
-        assert marks == ["●", " ", "●", " "]
+        assert marks == ["●", "○", "●", "○"]
         await pilot.press("tab", "a")
         await pilot.pause()
         assert len(shown(app)) == 46
@@ -377,10 +397,25 @@ async def test_help_screen_lists_keys(cache):
         from dissect_tui.tui.help import help_table
 
         rendered = "".join(seg.text for seg in app.console.render(help_table(help_sections())))
-        for needle in ("Two concepts", "Concept query", "Set τ", "Export", "Next", "Previous", "SQL", "Quit"):
-            assert needle in rendered
+        for needle in (
+            "Two-concept search",
+            "Concept query",
+            "Type an exact cutoff",
+            "Export the view",
+            "Next neuron",
+            "Previous neuron",
+            "SQL over the cache",
+            "Quit",
+            "Command palette",
+        ):
+            assert needle in rendered, needle
+        # Every key once: the table's moves are not listed again after the navigation section,
+        # the global keys not again in each screen.
+        lines = rendered.splitlines()
+        for key in ("↑/↓", "PgUp/PgDn", "Home/End", "q ", "? ", ": "):
+            assert sum(line.startswith(key) for line in lines) == 1, key
         # Keys read as on the keyboard, not as Textual's internal names.
-        assert "Esc" in rendered and "Ctrl+L" in rendered and "PgDn" in rendered
+        assert "Esc" in rendered and "Ctrl+L" in rendered and "Ctrl+P" in rendered and "PgDn" in rendered
         assert not any(name in rendered for name in ("escape", "pagedown", "ctrl+"))
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)

@@ -137,6 +137,10 @@ async def test_every_screen_shows_hostile_text_inert(hostile, tmp_path, monkeypa
             and scr.session.model.query.title == "car[/] [@click=app.quit]b"
         )
         assert_inert(app, "main two-concept ranking")
+        await pilot.press("2")  # the dialog comes back with the last A and B
+        await pilot.pause()
+        assert_inert(app, "two-concept dialog")
+        await pilot.press("escape")
         # Detail, compose, back.
         await pilot.press("enter")
         await settle(app, pilot)

@@ -10,17 +10,20 @@ the first time a concept query or composition needs it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.screen import Screen
 
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.tui.base import ReportsWorkerErrors, is_text_entry
 from dissect_tui.tui.compose import ComposeScreen
 from dissect_tui.tui.detail import DetailScreen
-from dissect_tui.tui.help import NAV, HelpScreen, HelpSection, binding_rows
+from dissect_tui.tui.help import NAV, HelpScreen, HelpSection, binding_keys, binding_rows
 from dissect_tui.tui.main import MainScreen
 from dissect_tui.tui.neuron_table import NeuronTable
 from dissect_tui.tui.session import BrowseSession
@@ -32,11 +35,19 @@ class BrowserApp(ReportsWorkerErrors, App):
 
     CSS_PATH = "browse.tcss"
     TITLE = "dissect-tui"
-    ENABLE_COMMAND_PALETTE = False
+    ENABLE_COMMAND_PALETTE = True
     BINDINGS = [
         Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("colon", "sql", "SQL", key_display=":"),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="Help: every key"),
+        Binding("colon", "sql", "SQL", key_display=":", tooltip="SQL over the cache (read-only)"),
+        Binding(
+            "ctrl+p",
+            "command_palette",
+            "Commands",
+            show=False,
+            priority=True,
+            tooltip="Command palette: every action by name",
+        ),
     ]
 
     def __init__(
@@ -46,12 +57,21 @@ class BrowserApp(ReportsWorkerErrors, App):
         graphics: str = "none",
         image_cls: Any = None,
         sidecar_file: Path | None = None,
+        clip: str | None = None,
+        color_system: str | None = None,
     ) -> None:
+        """``clip``: a CLIP spec to use instead of the run's (its weights moved, e.g. from a GPU box
+        to a laptop). ``color_system``: the terminal's, as Rich names it ("standard" for 16 colours,
+        "256", "truecolor"); None detects it. On 16 colours the app uses Textual's ANSI theme, so
+        states stay readable in the terminal's own palette."""
         super().__init__()
         self.graphics = graphics
         self.session = BrowseSession(
-            reader, requested_run=run_id, image_cls=image_cls, sidecar_file=sidecar_file
+            reader, requested_run=run_id, image_cls=image_cls, sidecar_file=sidecar_file, clip=clip
         )
+        colors = color_system if color_system is not None else self.console.color_system
+        if colors in ("standard", "windows"):
+            self.theme = "ansi-dark"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("quit", "help", "sql") and is_text_entry(self.focused):
@@ -65,6 +85,20 @@ class BrowserApp(ReportsWorkerErrors, App):
         """A reader on its own DuckDB cursor (the SQL screen's way to the cache)."""
         return self.session.cursor()
 
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (Ctrl+P): every action the current screen offers, by name and key."""
+        seen: set[str] = set()
+        for active in screen.active_bindings.values():
+            binding = active.binding
+            if not active.enabled or not binding.description or binding.action.endswith("command_palette"):
+                continue
+            title = binding.tooltip or binding.description
+            if title in seen:
+                continue
+            seen.add(title)
+            action = partial(self.run_action, binding.action, active.node)
+            yield SystemCommand(title, f"key {binding_keys(binding)}", action)
+
     # -- global actions ----------------------------------------------------------------
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -77,11 +111,14 @@ class BrowserApp(ReportsWorkerErrors, App):
 
 def help_sections() -> list[HelpSection]:
     """Every key of every screen, from the screens' own bindings."""
+    everywhere = binding_rows(BrowserApp.BINDINGS)
+    keys = [k for k, _ in everywhere]
+    table = [b for b in NeuronTable.BINDINGS if isinstance(b, Binding) and b.show]  # Open; moves are in NAV
     return [
-        ("Everywhere", binding_rows(BrowserApp.BINDINGS)),
+        ("Everywhere", everywhere),
         ("Navigation", NAV),
-        ("Main screen", binding_rows(MainScreen.BINDINGS) + binding_rows(NeuronTable.BINDINGS)),
-        ("Neuron detail", binding_rows(DetailScreen.BINDINGS)),
-        ("Two-concept explanation", binding_rows(ComposeScreen.BINDINGS)),
-        ("SQL screen", binding_rows(SqlScreen.BINDINGS)),
+        ("Main screen", binding_rows([*table, *MainScreen.BINDINGS], global_keys=keys)),
+        ("Neuron detail", binding_rows(DetailScreen.BINDINGS, global_keys=keys)),
+        ("Two-concept explanation", binding_rows(ComposeScreen.BINDINGS, global_keys=keys)),
+        ("SQL screen", binding_rows(SqlScreen.BINDINGS, global_keys=keys)),
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Input, TextArea
@@ -44,6 +45,12 @@ def report_worker_error(app: App, worker: Worker) -> None:
         app.exit(return_code=2, message=Text(line))
     else:
         app.notify(line, severity="error", timeout=10, markup=False)
+
+
+# The app's q and ?, repeated first in each screen's bindings so the footer shows them first
+# (Textual lists the focused widget's and the screen's bindings before the app's).
+QUIT = Binding("q", "app.quit", "Quit")
+HELP = Binding("question_mark", "app.help", "Help", key_display="?", tooltip="Help: every key")
 
 
 def is_text_entry(widget: Widget | None) -> bool:

@@ -13,7 +13,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from dissect_tui.errors import UserError
 from dissect_tui.text import printable
-from dissect_tui.tui.base import BrowseModal
+from dissect_tui.tui.base import HELP, QUIT, BrowseModal
 from dissect_tui.tui.charts import bar_chart
 from dissect_tui.tui.session import BrowseSession
 
@@ -42,10 +42,10 @@ class ComposeScreen(BrowseModal):
             self.message = message
 
     BINDINGS = [
-        Binding("escape", "close", "Cancel / back"),
         # A modal screen hides the app's bindings: q and ? must still work here.
-        Binding("q", "app.quit", "Quit"),
-        Binding("question_mark", "app.help", "Help", key_display="?"),
+        QUIT,
+        HELP,
+        Binding("escape", "close", "Back", tooltip="Cancel the computation, or back"),
         Binding("1", "breadth(10)", "Top 10"),
         Binding("2", "breadth(20)", "Top 20"),
         Binding("3", "breadth(100)", "Top 100"),
@@ -75,7 +75,7 @@ class ComposeScreen(BrowseModal):
             with ItemGrid(id="c-results", min_column_width=44):
                 yield Static("", id="c-pairs")
                 yield Static("", id="c-singles")
-        yield Footer()
+        yield Footer(compact=True)
 
     def _title(self) -> Text:
         layer, unit = self.key

@@ -7,7 +7,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import ItemGrid, Vertical, VerticalScroll
+from textual.containers import Horizontal, ItemGrid, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
@@ -20,7 +20,7 @@ from dissect_tui.store.browse import (
     thumbnails,
 )
 from dissect_tui.text import printable
-from dissect_tui.tui.base import BrowseScreen
+from dissect_tui.tui.base import HELP, QUIT, BrowseScreen
 from dissect_tui.tui.charts import bar_chart, histogram
 from dissect_tui.tui.compose import ComposeScreen, Composition
 from dissect_tui.tui.images import Thumb
@@ -38,11 +38,18 @@ class DetailScreen(BrowseScreen):
     """
 
     BINDINGS = [
-        Binding("escape,backspace", "back", "Back"),
-        Binding("n,right", "step(1)", "Next", key_display="n/→"),
-        Binding("p,left", "step(-1)", "Previous", key_display="p/←"),
-        Binding("c", "compose", "Two-concept explanation"),
-        Binding("m", "pin", "Pin"),
+        QUIT,
+        HELP,
+        Binding("escape,backspace", "back", "Back", tooltip="Back to the table"),
+        Binding("n,right", "step(1)", "Next", key_display="n/→", tooltip="Next neuron of the view"),
+        Binding("p,left", "step(-1)", "Prev", key_display="p/←", tooltip="Previous neuron of the view"),
+        Binding("c", "compose", "A+B", tooltip="Two-concept explanation of this neuron"),
+        Binding("m", "pin", "Pin", tooltip="Pin or unpin this neuron"),
+        # The page scrolls, also while a list has focus (its own PgDn/End would move in ten rows).
+        Binding("pagedown,space", "scroll_page(1)", "Page down", show=False, priority=True),
+        Binding("pageup", "scroll_page(-1)", "Page up", show=False, priority=True),
+        Binding("end", "scroll_edge(1)", "End of the page", show=False, priority=True),
+        Binding("home", "scroll_edge(-1)", "Top of the page", show=False, priority=True),
     ]
 
     class Loaded(Message):
@@ -94,7 +101,7 @@ class DetailScreen(BrowseScreen):
                     yield OptionList(id="correlated")
             yield Static("Two-concept explanation (press c)", classes="section")
             yield Static("", id="composition")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#d-body").focus()
@@ -154,13 +161,18 @@ class DetailScreen(BrowseScreen):
         self.query_one("#hist", Static).update(histogram(d.activations, width=min(width, 60)))
         samples = self.query_one("#samples", Vertical)
         samples.remove_children()
+        shown: set[int] = set()
         for band, items in d.samples:
-            row = ItemGrid(min_column_width=15)
-            samples.mount(Static(band, classes="band"))
-            samples.mount(row)
-            row.mount_all(
-                Thumb(thumbs.get(i), f"{act:.3f}\n{_tail(path, 14)}", image_cls) for i, act, path in items
-            )
+            # Distinct images: with few probe images the bands overlap, and an image is shown once.
+            fresh = [item for item in items if item[0] not in shown]
+            shown.update(i for i, _, _ in fresh)
+            samples.mount(Static(band if fresh or not items else f"{band}: the images above", classes="band"))
+            if fresh:
+                strip = Horizontal(classes="band-row")
+                samples.mount(strip)
+                strip.mount_all(
+                    Thumb(thumbs.get(i), f"{act:.3f}\n{_tail(path, 14)}", image_cls) for i, act, path in fresh
+                )
         sim_list = self.query_one("#similar", OptionList)
         sim_list.clear_options()
         sim_list.add_options(
@@ -169,6 +181,8 @@ class DetailScreen(BrowseScreen):
                 for lay, u, lab, s in event.similar
             ]
         )
+        if sim_list.option_count:  # a focused list shows where Enter goes, before any arrow key
+            sim_list.highlighted = 0
         corr = self.query_one("#correlated", OptionList)
         corr.clear_options()
         opts = []
@@ -181,6 +195,8 @@ class DetailScreen(BrowseScreen):
                 )
             )
         corr.add_options(opts or [Option(f"no correlation data ({event.n_used} images)", disabled=True)])
+        if opts:
+            corr.highlighted = 0
         self.show_composition(event.stored)
 
     def show_composition(self, stored: Composition | None) -> None:
@@ -200,6 +216,20 @@ class DetailScreen(BrowseScreen):
     def action_back(self) -> None:
         # Back in the table on the neuron n/p led to, not where Enter was.
         self.dismiss(self.row if self.follows_view else None)
+
+    def action_scroll_page(self, direction: int) -> None:
+        body = self.query_one("#d-body", VerticalScroll)
+        if direction > 0:
+            body.scroll_page_down(animate=False)
+        else:
+            body.scroll_page_up(animate=False)
+
+    def action_scroll_edge(self, direction: int) -> None:
+        body = self.query_one("#d-body", VerticalScroll)
+        if direction > 0:
+            body.scroll_end(animate=False)
+        else:
+            body.scroll_home(animate=False)
 
     def action_step(self, delta: int) -> None:
         new = self.index + delta

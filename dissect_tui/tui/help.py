@@ -18,12 +18,13 @@ from dissect_tui.tui.base import BrowseModal
 
 HelpSection = tuple[str, list[tuple[str, str]]]
 
+# Navigation of the neuron table, once (the table's own bindings are not listed again).
 NAV = [
     ("↑/↓  j/k", "move in the neuron table"),
-    ("PgUp/PgDn  g/G", "page, first, last"),
+    ("PgUp/PgDn  Ctrl+B/F", "page up, page down"),
+    ("Home/End  g/G", "first, last"),
     ("Tab / Shift+Tab", "move focus: layers, table, filter box"),
-    ("Space (layers)", "select or clear a layer (several allowed; none = all)"),
-    ("Esc", "leave a box or dialog, go back"),
+    ("Space / Enter (layers)", "select or clear a layer (several allowed; none = all)"),
 ]
 
 
@@ -42,14 +43,24 @@ def key_name(key: str) -> str:
     return KEY_NAMES.get(key, key)
 
 
-def binding_rows(bindings: Iterable[BindingType]) -> list[tuple[str, str]]:
-    """(keys as typed, what they do) for every described binding."""
+def binding_keys(b: Binding) -> str:
+    """The keys of a binding as a user types them."""
+    return b.key_display or " / ".join(key_name(k) for k in b.key.split(","))
+
+
+def binding_rows(bindings: Iterable[BindingType], global_keys: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(keys as typed, what they do: the tooltip, else the footer's short name) for every described
+    binding; a screen's copy of an app-wide key (``app.`` action on one of ``global_keys``) is left
+    out, as the "Everywhere" section lists it."""
+    skip = set(global_keys)
     out = []
     for b in bindings:
         if not isinstance(b, Binding) or not b.description:
             continue
-        keys = b.key_display or " / ".join(key_name(k) for k in b.key.split(","))
-        out.append((keys, b.description))
+        keys = binding_keys(b)
+        if b.action.startswith("app.") and keys in skip:
+            continue
+        out.append((keys, b.tooltip or b.description))
     return out
 
 
@@ -85,4 +96,4 @@ class HelpScreen(BrowseModal):
                 )
             )
             yield Static(help_table(self.sections))
-        yield Footer()
+        yield Footer(compact=True)

@@ -11,22 +11,23 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Input, SelectionList, Static
-from textual.widgets.selection_list import Selection
-from textual.worker import get_current_worker
+from textual.widgets import Footer, Input, Static
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from dissect_tui.errors import UserError
 from dissect_tui.store.browse import NeuronTable as NeuronColumns
 from dissect_tui.store.browse import load_neuron_table, load_top_concepts
 from dissect_tui.text import printable
-from dissect_tui.tui.base import BrowseScreen, is_text_entry
+from dissect_tui.tui.base import HELP, QUIT, BrowseScreen, is_text_entry
 from dissect_tui.tui.detail import DetailScreen
 from dissect_tui.tui.dialogs import CutoffDialog, ExportDialog, TwoConceptDialog
+from dissect_tui.tui.layers import LayerList
 from dissect_tui.tui.model import SORT_KEYS, Filters, NeuronModel, QueryScores
-from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable
+from dissect_tui.tui.neuron_table import INTERPRETABLE, NeuronTable, sort_arrow
 from dissect_tui.tui.session import BrowseSession
 
 CUTOFF_STEP = 0.01
+CUTOFF_KEYS = Binding.Group("τ", compact=True)  # the footer shows "+- τ"
 
 
 def fmt_cutoff(value: float) -> str:
@@ -35,24 +36,47 @@ def fmt_cutoff(value: float) -> str:
 
 
 class MainScreen(BrowseScreen):
+    # The footer shows these in this order (after the table's ⏎ Open) and cuts what does not fit:
+    # the essential keys first, with short names; the help screen and the command palette (Ctrl+P)
+    # show the tooltip, the long name, and list the keys not shown in the footer as well.
     BINDINGS = [
-        Binding("slash", "filter_text", "Filter", key_display="/"),
-        Binding("c", "concept_query", "Concept query"),
-        Binding("2", "two_concepts", "Two concepts"),
-        Binding("plus,equals_sign", "cutoff(1)", "τ+", key_display="+"),
-        Binding("minus", "cutoff(-1)", "τ-", key_display="-"),
-        Binding("t", "type_cutoff", "Set τ"),
-        Binding("i", "toggle_interpretable", "Interpretable"),
-        Binding("s", "cycle_sort", "Sort"),
-        Binding("r", "reverse_sort", "Reverse", show=False),
-        Binding("l", "focus_layers", "Layers", show=False),
-        Binding("a", "all_layers", "All layers", show=False),
-        Binding("m", "pin", "Pin", show=False),
-        Binding("M", "pinned_only", "Pinned only", show=False),
-        Binding("e", "export(False)", "Export"),
-        Binding("E", "export(True)", "Export pinned", show=False),
-        Binding("x", "clear", "Clear filters", show=False),
-        Binding("escape", "back", "Drop the CLIP ranking", show=False),
+        QUIT,
+        HELP,
+        Binding("escape", "back", "Back", tooltip="Leave the text box, or drop the CLIP ranking"),
+        Binding("slash", "filter_text", "Filter", key_display="/", tooltip="Filter labels and top concepts"),
+        Binding("c", "concept_query", "Query", tooltip="Concept query: rank neurons by any text (CLIP)"),
+        Binding("2", "two_concepts", "A+B", tooltip="Two-concept search: rank neurons by “A B”"),
+        Binding(
+            "plus,equals_sign",
+            "cutoff(1)",
+            "τ+",
+            key_display="+",
+            tooltip="Raise the cutoff τ by 0.01",
+            group=CUTOFF_KEYS,
+        ),
+        Binding(
+            "minus",
+            "cutoff(-1)",
+            "τ-",
+            key_display="-",
+            tooltip="Lower the cutoff τ by 0.01",
+            group=CUTOFF_KEYS,
+        ),
+        Binding("i", "toggle_interpretable", "✓only", tooltip="Show interpretable neurons only (score > τ)"),
+        Binding(
+            "s", "cycle_sort", "Sort", tooltip="Sort by the next column (layer, unit, label, score, query)"
+        ),
+        Binding("e", "export(False)", "Export", tooltip="Export the view as shown (.csv or .parquet)"),
+        Binding("t", "type_cutoff", "Set τ", show=False, tooltip="Type an exact cutoff τ"),
+        Binding("r", "reverse_sort", "Reverse", show=False, tooltip="Reverse the sort order"),
+        Binding("l", "focus_layers", "Layers", show=False, tooltip="Go to the layer list"),
+        Binding(
+            "a", "all_layers", "All layers", show=False, tooltip="Select all layers (clear the layer filter)"
+        ),
+        Binding("m", "pin", "Pin", show=False, tooltip="Pin or unpin the highlighted neuron"),
+        Binding("M", "pinned_only", "Pinned only", show=False, tooltip="Show pinned neurons only"),
+        Binding("E", "export(True)", "Export pinned", show=False, tooltip="Export the pinned neurons"),
+        Binding("x", "clear", "Clear filters", show=False, tooltip="Clear every filter and the ranking"),
     ]
 
     # Workers report through these messages (post_message is thread-safe); handlers run on the UI.
@@ -80,22 +104,23 @@ class MainScreen(BrowseScreen):
         super().__init__()
         self.session = session
         self.mode = "text"  # what the filter box does: 'text' filters, 'concept' ranks with CLIP
+        self.busy: Text | None = None  # shown on the status line until a running CLIP ranking arrives
+        self._query_worker: Worker | None = None
         self.view_rows = np.zeros(0, dtype=np.int64)
         self.last_update_ms = 0.0
-        self._layer_rows: list[tuple[str, int, int]] = []  # (layer, neurons, interpretable)
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="title")
         with Horizontal(id="body"):
             with Vertical(id="side"):
-                yield Static("layer          n  ✓%", id="layers-title")
-                yield SelectionList[int](id="layers")
+                yield Static("  layer         n  ✓%", id="layers-title")
+                yield LayerList(id="layers")
             with Vertical(id="center"):
                 yield Static("", id="status")
                 yield NeuronTable(id="table")
                 yield Static("", id="preview")
                 yield Input(placeholder="/ filter labels and top concepts", id="filter")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#table", NeuronTable).focus()
@@ -155,23 +180,7 @@ class MainScreen(BrowseScreen):
     def _fill_layers(self) -> None:
         model = self.session.model
         assert model is not None
-        sel = self.query_one("#layers", SelectionList)
-        chosen = set(self.session.filters.layers)
-        highlighted = sel.highlighted
-        sel.clear_options()
-        options = []
-        self._layer_rows = model.layer_counts(self.session.filters.cutoff)
-        for i in range(len(self._layer_rows)):
-            options.append(Selection(self._layer_prompt(i, i in chosen), i, i in chosen))
-        sel.add_options(options)
-        if highlighted is not None and highlighted < len(options):
-            sel.highlighted = highlighted
-
-    def _layer_prompt(self, i: int, chosen: bool) -> Text:
-        # The checkbox shows selection by colour only: "●" says it in a monochrome terminal too.
-        name, n, good = self._layer_rows[i]
-        pct = 100.0 * good / n if n else 0.0
-        return Text(f"{'●' if chosen else ' '}{printable(name)[:8]:<8} {n:>5} {pct:>3.0f}%")
+        self.query_one("#layers", LayerList).set_rows(model.layer_counts(self.session.filters.cutoff))
 
     def refresh_view(self, top: bool = False) -> None:
         """Recompute the view; ``top`` puts the cursor on its first row (a new ranking's best)."""
@@ -187,12 +196,16 @@ class MainScreen(BrowseScreen):
 
     def _update_status(self) -> None:
         s = self.session
-        assert s.model is not None
+        if s.model is None:
+            return
         f = s.filters
         good = int(s.model.interpretable(f.cutoff).sum())
-        parts: list[str | Text] = [
+        parts: list[str | Text] = []
+        if self.busy is not None:
+            parts.append(self.busy)
+        parts += [
             f"τ={fmt_cutoff(f.cutoff)} ({good:,}/{s.model.n:,} {INTERPRETABLE})",
-            f"sort {s.sort}{'▲' if s.reverse else '▼'}",
+            f"sort {s.sort}{sort_arrow(s.sort, s.reverse)}",
             f"{len(self.view_rows):,} shown",
         ]
         if f.layers:
@@ -205,11 +218,17 @@ class MainScreen(BrowseScreen):
             parts.append("pinned only")
         if s.model.query is not None:
             parts.append(f"ranked by “{printable(s.model.query.title)}”")
-        if self.mode == "concept":
+        if self.mode == "concept" and is_text_entry(self.focused):
             parts.append(Text.assemble(("concept query", "bold"), ": type, Enter"))
         # Plain text, never markup: layer names, the filter and the query come from the cache or the user.
         status = Text(" · ").join(Text(p) if isinstance(p, str) else p for p in parts)
         self.query_one("#status", Static).update(status)
+
+    def on_descendant_focus(self) -> None:
+        self._update_status()  # the concept-query hint shows while the box has focus
+
+    def on_descendant_blur(self) -> None:
+        self._update_status()
 
     @on(NeuronTable.Highlighted)
     def _preview(self, event: NeuronTable.Highlighted) -> None:
@@ -262,17 +281,15 @@ class MainScreen(BrowseScreen):
         # One box, two uses: a concept query starts empty, and the text filter stays applied
         # underneath it (the status line names it) until it is edited again with / or cleared with x.
         box.value = "" if mode == "concept" else self.session.filters.text
-        if self.session.model is not None:
-            self._update_status()
+        self._update_status()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # While the filter box has focus every key but Esc is text: don't offer + - s … in the footer.
-        return action == "back" or not is_text_entry(self.focused)
-
-    def on_key(self, event) -> None:
-        if event.key == "escape" and isinstance(self.focused, Input):
-            self.query_one("#table", NeuronTable).focus()
-            event.stop()
+        if is_text_entry(self.focused):
+            # While the filter box has focus every key but Esc is text: the footer offers only Esc.
+            return action == "back"
+        if action == "back":  # Esc drops a ranking; without one it does nothing and is not offered
+            return self.session.model is not None and self.session.model.query is not None
+        return True
 
     # -- actions -------------------------------------------------------------------------
     @on(NeuronTable.Selected)
@@ -324,20 +341,17 @@ class MainScreen(BrowseScreen):
         self.refresh_view()
 
     def action_focus_layers(self) -> None:
-        sel = self.query_one("#layers", SelectionList)
-        if sel.highlighted is None and sel.option_count:
-            sel.highlighted = 0
-        sel.focus()
+        layers = self.query_one("#layers", LayerList)
+        if layers.highlighted is None and layers.option_count:
+            layers.highlighted = 0
+        layers.focus()
 
     def action_all_layers(self) -> None:
-        self.query_one("#layers", SelectionList).deselect_all()
+        self.query_one("#layers", LayerList).set_selected(frozenset())
 
-    @on(SelectionList.SelectedChanged, "#layers")
-    def _layers_changed(self, event: SelectionList.SelectedChanged) -> None:
-        self.session.filters.layers = frozenset(event.selection_list.selected)
-        sel = event.selection_list
-        for i in range(min(sel.option_count, len(self._layer_rows))):
-            sel.replace_option_prompt_at_index(i, self._layer_prompt(i, i in self.session.filters.layers))
+    @on(LayerList.Changed)
+    def _layers_changed(self, event: LayerList.Changed) -> None:
+        self.session.filters.layers = event.selected
         self.refresh_view()
 
     def action_pin(self) -> None:
@@ -358,19 +372,23 @@ class MainScreen(BrowseScreen):
         s = self.session
         s.filters = Filters(cutoff=s.filters.cutoff)
         self.query_one("#filter", Input).value = ""
-        self.query_one("#layers", SelectionList).deselect_all()
+        self.query_one("#layers", LayerList).set_selected(frozenset())
         if s.model is not None:
             s.model.set_query(None)
         s.sort, s.reverse = "layer", False
         self.refresh_view()
+        self.refresh_bindings()
 
     def action_back(self) -> None:
         s = self.session
-        if s.model is not None and s.model.query is not None:
+        if is_text_entry(self.focused):
+            self.query_one("#table", NeuronTable).focus()
+        elif s.model is not None and s.model.query is not None:
             s.model.set_query(None)
             if s.sort == "query":
                 s.sort = "layer"
             self.refresh_view()
+            self.refresh_bindings()
 
     # -- export --------------------------------------------------------------------------
     def action_export(self, pinned: bool) -> None:
@@ -434,16 +452,30 @@ class MainScreen(BrowseScreen):
     def action_two_concepts(self) -> None:
         def done(pair: tuple[str, str] | None) -> None:
             if pair:
-                a, b = pair
+                a, b = self.session.last_pair = pair
                 self.start_query([f"{a} {b}", a, b], f"{a} {b}", [a, b])
 
-        self.app.push_screen(TwoConceptDialog(), done)
+        self.app.push_screen(TwoConceptDialog(*self.session.last_pair), done)
 
     def start_query(self, texts: list[str], title: str, extra: list[str]) -> None:
-        self.notify(
-            f"ranking neurons by “{printable(title)}” (loading CLIP the first time)…", timeout=3, markup=False
-        )
-        self.run_query(texts, title, extra)
+        # A persistent line, not a toast: the first query loads CLIP (seconds), and a toast would
+        # either vanish before the ranking arrives or cover the fresh results.
+        first = "" if self.session.clip_loaded else " (loading CLIP)"
+        self.busy = Text(f"⧗ ranking by “{printable(title)}”…{first}", style="reverse")
+        self._update_status()
+        self._query_worker = self.run_query(texts, title, extra)
+
+    @on(Worker.StateChanged)
+    def _query_state(self, event: Worker.StateChanged) -> None:
+        # Success, failure or cancellation of the current query: the busy line goes.
+        if event.worker is self._query_worker and event.state in (
+            WorkerState.SUCCESS,
+            WorkerState.ERROR,
+            WorkerState.CANCELLED,
+        ):
+            self._query_worker = None
+            self.busy = None
+            self._update_status()
 
     @work(thread=True, exclusive=True, group="query", exit_on_error=False)
     def run_query(self, texts: list[str], title: str, extra: list[str]) -> None:
@@ -471,6 +503,7 @@ class MainScreen(BrowseScreen):
         s.model.set_query(event.query)
         s.sort, s.reverse = "query", False
         self.refresh_view(top=True)  # a ranking opens at its best match
+        self.refresh_bindings()  # Esc now drops it
 
     @on(QueryFailed)
     def _query_failed(self, event: QueryFailed) -> None:

@@ -21,6 +21,13 @@ from dissect_tui.tui.model import NeuronModel
 INTERPRETABLE = "✓"
 NOT_INTERPRETABLE = "·"
 PIN = "◆"
+ASCENDING_KEYS = ("layer", "unit", "label")  # the rest (score, query) sort best first
+
+
+def sort_arrow(sort: str, reverse: bool) -> str:
+    """One convention for every column: ▲ smallest first (ascending), ▼ largest first (descending)."""
+    ascending = (sort in ASCENDING_KEYS) != reverse
+    return "▲" if ascending else "▼"
 
 
 class NeuronTable(ScrollView, can_focus=True):
@@ -39,8 +46,10 @@ class NeuronTable(ScrollView, can_focus=True):
     DEFAULT_CSS = """
     NeuronTable { height: 1fr; overflow-x: hidden; }
     NeuronTable > .neuron-table--header { text-style: bold; background: $panel; }
-    NeuronTable > .neuron-table--cursor { background: $accent 40%; }
-    NeuronTable:focus > .neuron-table--cursor { background: $accent; color: $text; }
+    NeuronTable > .neuron-table--cursor { background: $block-cursor-blurred-background; }
+    NeuronTable:focus > .neuron-table--cursor {
+        background: $block-cursor-background; color: $block-cursor-foreground; text-style: $block-cursor-text-style;
+    }
     NeuronTable > .neuron-table--good { color: $success; }
     """
 
@@ -133,6 +142,10 @@ class NeuronTable(ScrollView, can_focus=True):
         # Line 0 is the header, so row i lives on virtual line i + 1.
         self.scroll_to_region(Region(0, self.cursor, 1, 2), animate=False, immediate=True, force=True)
 
+    def on_resize(self) -> None:
+        # A smaller window must not leave the cursor row below the bottom edge.
+        self.call_after_refresh(self._scroll_cursor_visible)
+
     def on_click(self, event) -> None:  # mouse works, but is never required
         index = int(self.scroll_offset.y) + event.y - 1
         if 0 <= index < len(self.rows):
@@ -186,7 +199,7 @@ class NeuronTable(ScrollView, can_focus=True):
 
     def _header(self, width: int) -> Text:
         lw, uw, labw, qw = self._widths(width)
-        arrow = "▼" if not self.reverse else "▲"
+        arrow = sort_arrow(self.sort, self.reverse)
 
         def h(name: str, key: str) -> str:
             return name + (arrow if self.sort == key else "")

@@ -32,6 +32,8 @@ class BrowseSession:
     requested_run: int | None = None
     image_cls: Any = None  # textual-image widget class for thumbnails, None: placeholders
     sidecar_file: Path | None = None  # where pins and compositions go (default: beside the cache)
+    clip: str | None = None  # CLIP spec replacing the run's (its weights moved), e.g. "ViT-B-16:./clip.pt"
+    last_pair: tuple[str, str] = ("", "")  # the two-concept dialog starts with the last A and B
     run: dict[str, Any] = field(default_factory=dict)
     model: NeuronModel | None = None
     filters: Filters = field(default_factory=Filters)
@@ -85,11 +87,16 @@ class BrowseSession:
             self.sidecar.set_pin(layer, unit, pinned)
 
     # -- CLIP (call from a worker thread: loads torch and the text tower) -----------------
+    @property
+    def clip_loaded(self) -> bool:
+        """True once the explainer has loaded CLIP (queries then take milliseconds)."""
+        return self._explainer is not None and self._explainer.clip_loaded
+
     def explainer(self) -> Explainer:
         """The run's CLIP-backed explainer, created on first use and kept for the session."""
         with self._explainer_lock:
             if self._explainer is None:
                 from dissect_tui.explain import Explainer
 
-                self._explainer = Explainer(self.cursor, self.run)
+                self._explainer = Explainer(self.cursor, self.run, clip=self.clip)
             return self._explainer
