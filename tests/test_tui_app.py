@@ -768,7 +768,8 @@ async def test_two_browsers_share_a_cache(cache):
 def test_ui_modules_do_not_import_torch():
     code = (
         "import sys, dissect_tui.tui.app, dissect_tui.tui.main, dissect_tui.tui.detail, dissect_tui.tui.sql, "
-        "dissect_tui.tui.help, dissect_tui.tui.compose, dissect_tui.commands.browse, dissect_tui.store.browse, "
+        "dissect_tui.tui.help, dissect_tui.tui.compose, dissect_tui.tui.session, dissect_tui.tui.base, "
+        "dissect_tui.tui.layers, dissect_tui.commands.browse, dissect_tui.store.browse, "
         "dissect_tui.store.sidecar; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
