@@ -23,6 +23,18 @@ TOP_IMAGES = 100  # SoftWPMI's B_k: the top 100 images of each neuron
 BREADTHS = (10, 20, 100)
 
 
+def same_text_tower(key: str, recorded: str) -> bool:
+    """Whether two CLIP keys (clip_backend.ClipModel.key) name the same text tower. A local weights
+    file is keyed ``NAME:FILENAME#SIZE-SHA``: a moved or renamed copy is the same tower when the
+    model name and the content fingerprint agree."""
+    if key == recorded:
+        return True
+    if "#" not in key or "#" not in recorded:
+        return False
+    (name, rest), (rname, rrest) = key.split(":", 1), recorded.split(":", 1)
+    return name == rname and rest.split("#", 1)[1] == rrest.split("#", 1)[1]
+
+
 class Cancelled(Exception):
     """Raised from a progress callback when the user cancelled the computation."""
 
@@ -33,9 +45,15 @@ class Explainer:
     ``cursor`` returns a fresh CacheReader on its own DuckDB cursor (one per calling thread).
     """
 
-    def __init__(self, cursor: Callable[[], CacheReader], run: dict[str, Any]) -> None:
+    def __init__(
+        self, cursor: Callable[[], CacheReader], run: dict[str, Any], clip: str | None = None
+    ) -> None:
+        """``clip``: a CLIP spec (``NAME:PRETRAINED``, e.g. ``ViT-B-16:./clip.pt``) to load instead of
+        the run's recorded one, for when its weights live elsewhere on this machine; it must be the
+        same text tower (same model, same weights file contents)."""
         self._cursor = cursor
         self.run = run
+        self.clip_override = clip
         hp = run.get("hyperparameters") or {}
         self.a = float(hp.get("a", 10)) if isinstance(hp, dict) else 10.0
         self.lam = float(hp.get("lam", hp.get("lambda", 1))) if isinstance(hp, dict) else 1.0
@@ -46,22 +64,42 @@ class Explainer:
 
     # -- loading -------------------------------------------------------------------------
     @property
-    def clip_spec(self) -> str:
+    def clip_loaded(self) -> bool:
+        return self._clip is not None
+
+    @property
+    def run_clip_spec(self) -> str:
         return f"{self.run.get('clip_model')}:{self.run.get('clip_pretrained')}"
+
+    @property
+    def clip_spec(self) -> str:
+        return self.clip_override or self.run_clip_spec
 
     def clip(self) -> Any:
         with self._lock:
             if self._clip is None:
                 from dissect_tui.clip_backend import load_clip
 
+                hint = (
+                    ""
+                    if self.clip_override
+                    else "; if its weights are elsewhere, browse with --clip NAME:PATH"
+                )
                 try:
-                    self._clip = load_clip(self.clip_spec)
+                    clip = load_clip(self.clip_spec)
                 except UserError as exc:
                     raise UserError(
-                        f"concept queries need this run's CLIP ({self.clip_spec}): {exc}"
+                        f"concept queries need this run's CLIP ({self.clip_spec}): {exc}{hint}"
                     ) from None
                 except Exception as exc:  # a damaged or mismatched checkpoint
-                    raise UserError(f"cannot load this run's CLIP {self.clip_spec}: {exc}") from None
+                    raise UserError(f"cannot load this run's CLIP {self.clip_spec}: {exc}{hint}") from None
+                recorded = self.run.get("clip_key")
+                if self.clip_override and recorded and not same_text_tower(clip.key, recorded):
+                    raise UserError(
+                        f"--clip {self.clip_override} is not this run's CLIP: it is {clip.key}, the run used "
+                        f"{recorded}; scores would be wrong"
+                    )
+                self._clip = clip
             return self._clip
 
     def _image_data(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,22 @@ from dissect_tui.tui.neuron_table import NeuronTable
 from dissect_tui.tui.sql import SqlScreen
 
 SIZE = (80, 24)
+
+
+def _ordered_export() -> bool:
+    import inspect
+
+    from dissect_tui.store.export import export_neurons
+
+    return "keep_order" in inspect.signature(export_neurons).parameters
+
+
+# The browser exports what it shows through export_neurons(..., cutoff=, keep_order=, extra=), the
+# store helper's extension. Until it is merged the end-to-end export tests cannot run.
+needs_ordered_export = pytest.mark.skipif(
+    not _ordered_export(),
+    reason="store.export.export_neurons has no keep_order/extra yet (store branch): remove once merged",
+)
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin, asyncio backend
 
 
@@ -61,7 +77,7 @@ def main_screen(app: BrowserApp) -> MainScreen:
 
 def shown(app: BrowserApp) -> list[tuple[str, int]]:
     scr = main_screen(app)
-    return [scr.model.key(int(r)) for r in scr.query_one(NeuronTable).rows]
+    return [scr.session.model.key(int(r)) for r in scr.query_one(NeuronTable).rows]
 
 
 def expected_neurons(
@@ -129,23 +145,43 @@ async def test_text_filter_stays_under_a_concept_query(cache):
         assert "filter “[/b]”" in str(scr.query_one("#status").render())
 
 
-async def test_footer_hides_single_key_bindings_while_typing(cache):
+def footer_text(app: BrowserApp) -> str:
+    """The footer line as it is drawn."""
+    from textual.widgets import Footer
+
+    footer = app.screen.query_one(Footer)
+    return app.screen._compositor.render_strips()[footer.region.y].text
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_footer_shows_the_essential_keys_first_and_esc_while_typing(cache, size):
     def offered(app) -> set[str]:
         return {b.binding.action for b in app.screen.active_bindings.values()}
 
     app = make_app(cache)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=size) as pilot:
         await settle(app, pilot)
-        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        footer = footer_text(app)
+        # q and ? never fall off the edge, and the palette key is always there.
+        assert "q Quit" in footer and "? Help" in footer and "^p Commands" in footer, footer
+        assert footer.index("q Quit") < footer.index("/ Filter") < footer.index("c Query")
+        if size[0] >= 120:
+            for key in ("2 A+B", "+- τ", "i ✓only", "s Sort", "e Export", ": SQL"):
+                assert key in footer, (key, footer)
+        assert {"app.quit", "app.help", "cutoff(1)", "cycle_sort"} <= offered(app)
         await pilot.press("slash")
         await pilot.pause()
         typing = offered(app)
-        assert not typing & {"quit", "help", "sql", "cutoff(1)", "cutoff(-1)", "cycle_sort"}, typing
+        assert not typing & {"quit", "app.quit", "app.help", "sql", "cutoff(1)", "cutoff(-1)", "cycle_sort"}
+        footer = footer_text(app)
+        assert "esc Back" in footer and "Quit" not in footer and "Filter" not in footer, footer
         await pilot.press("q", "plus")  # typed, not run
         assert main_screen(app).query_one("#filter").value == "q+" and app.return_code is None
         await pilot.press("escape")
         await pilot.pause()
-        assert {"quit", "help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        assert isinstance(app.focused, NeuronTable)
+        assert {"app.quit", "app.help", "cutoff(1)", "cycle_sort"} <= offered(app)
+        assert "esc Back" not in footer_text(app)  # nothing to go back from
 
 
 ODD_TEXTS = ["50%", "it's", "ÜNÏCODE", "'; DROP TABLE neurons; --", "x" * 5000, '"%_\\', "   "]
@@ -159,20 +195,20 @@ async def test_odd_filter_text_is_harmless(cache):
         scr = main_screen(app)
         hay = [
             f"{a}\t{b}".casefold()
-            for a, b in zip(scr.model.table.label, scr.model.table.top_concepts, strict=True)
+            for a, b in zip(scr.session.model.table.label, scr.session.model.table.top_concepts, strict=True)
         ]
         for text in ODD_TEXTS:
             app.screen.query_one("#filter").value = text
             await pilot.pause()
             needle = text.strip().casefold()
-            want = [scr.model.key(i) for i, h in enumerate(hay) if needle in h]
+            want = [scr.session.model.key(i) for i, h in enumerate(hay) if needle in h]
             assert shown(app) == want, text
             if not want:  # an empty view says why, and Enter/m on it do nothing
                 table = scr.query_one(NeuronTable)
                 assert "no neuron matches" in table.render_line(2).text
                 table.focus()
                 await pilot.press("enter", "m")
-                assert app.screen is scr and not scr.model.pinned.any()
+                assert app.screen is scr and not scr.session.model.pinned.any()
                 scr.query_one("#filter").focus()
         assert len(shown(app)) == 46  # blank text: no filter
     assert len(expected_neurons(cache)) == 46  # the cache is untouched
@@ -192,7 +228,7 @@ async def test_layer_filter_one_and_several(cache):
         # Selection is marked by a symbol, not only by the checkbox colour.
         sel = app.screen.query_one("#layers")
         marks = [str(sel.get_option_at_index(i).prompt)[0] for i in range(sel.option_count)]
-        assert marks == ["●", " ", "●", " "]
+        assert marks == ["●", "○", "●", "○"]
         await pilot.press("tab", "a")
         await pilot.pause()
         assert len(shown(app)) == 46
@@ -203,17 +239,17 @@ async def test_cutoff_steps_and_interpretable_only(cache):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
-        assert scr.filters.cutoff == pytest.approx(0.16)  # the run's cutoff
+        assert scr.session.filters.cutoff == pytest.approx(0.16)  # the run's cutoff
         await pilot.press("i")
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.16")
         for _ in range(15):
             await pilot.press("plus")
-        assert scr.filters.cutoff == pytest.approx(0.31)
+        assert scr.session.filters.cutoff == pytest.approx(0.31)
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.31")
         status = str(app.screen.query_one("#status").render())
         assert "τ=0.310" in status and f"({len(shown(app))}/46" in status
         await pilot.press("minus")
-        assert scr.filters.cutoff == pytest.approx(0.30)
+        assert scr.session.filters.cutoff == pytest.approx(0.30)
         # Exact value through the dialog; a bad value is refused without closing it.
         await pilot.press("t")
         box = app.screen.query_one("#value")
@@ -223,7 +259,7 @@ async def test_cutoff_steps_and_interpretable_only(cache):
         box.value = "0.4"
         await pilot.press("enter")
         await pilot.pause()
-        assert scr.filters.cutoff == pytest.approx(0.4)
+        assert scr.session.filters.cutoff == pytest.approx(0.4)
         assert shown(app) == expected_neurons(cache, "n.similarity > 0.4")
         # Layer counts follow the cutoff.
         layers = [str(o.prompt) for o in app.screen.query_one("#layers")._options]
@@ -238,16 +274,16 @@ async def test_sorting_by_score_and_reverse(cache):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
-        while scr.sort != "score":
+        while scr.session.sort != "score":
             await pilot.press("s")
-        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        sims = [scr.session.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert sims == sorted(sims, reverse=True)
         await pilot.press("r")
-        sims = [scr.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
+        sims = [scr.session.model.table.similarity[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert sims == sorted(sims)
-        while scr.sort != "label":
+        while scr.session.sort != "label":
             await pilot.press("s")
-        labels = [scr.model.table.label[int(r)] for r in scr.query_one(NeuronTable).rows]
+        labels = [scr.session.model.table.label[int(r)] for r in scr.query_one(NeuronTable).rows]
         assert labels == sorted(labels)
 
 
@@ -331,7 +367,7 @@ async def test_next_follows_the_filtered_view(cache):
         await pilot.press("escape")
         await pilot.pause()
         table = main_screen(app).query_one(NeuronTable)
-        assert main_screen(app).model.key(table.current_row()) == view[1]
+        assert main_screen(app).session.model.key(table.current_row()) == view[1]
 
 
 async def test_missing_thumbnail_shows_placeholder(tmp_path):
@@ -357,13 +393,29 @@ async def test_help_screen_lists_keys(cache):
         await settle(app, pilot)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+        from dissect_tui.tui.app import help_sections
         from dissect_tui.tui.help import help_table
 
-        rendered = "".join(seg.text for seg in app.console.render(help_table()))
-        for needle in ("Two concepts", "Concept query", "Set τ", "Export", "Next", "Previous", "SQL", "Quit"):
-            assert needle in rendered
+        rendered = "".join(seg.text for seg in app.console.render(help_table(help_sections())))
+        for needle in (
+            "Two-concept search",
+            "Concept query",
+            "Type an exact cutoff",
+            "Export the view",
+            "Next neuron",
+            "Previous neuron",
+            "SQL over the cache",
+            "Quit",
+            "Command palette",
+        ):
+            assert needle in rendered, needle
+        # Every key once: the table's moves are not listed again after the navigation section,
+        # the global keys not again in each screen.
+        lines = rendered.splitlines()
+        for key in ("↑/↓", "PgUp/PgDn", "Home/End", "q ", "? ", ": "):
+            assert sum(line.startswith(key) for line in lines) == 1, key
         # Keys read as on the keyboard, not as Textual's internal names.
-        assert "Esc" in rendered and "Ctrl+L" in rendered and "PgDn" in rendered
+        assert "Esc" in rendered and "Ctrl+L" in rendered and "Ctrl+P" in rendered and "PgDn" in rendered
         assert not any(name in rendered for name in ("escape", "pagedown", "ctrl+"))
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
@@ -403,6 +455,7 @@ async def test_sql_screen_runs_queries_read_only(cache):
     assert len(expected_neurons(cache)) == 46
 
 
+@needs_ordered_export
 async def test_export_view_and_pinned(cache, tmp_path):
     pytest.importorskip("dissect_tui.store.export")
     app = make_app(cache)
@@ -455,16 +508,16 @@ async def test_concept_query_without_clip_falls_back_to_substring(cache, monkeyp
             raise UserError("concept queries need this run's CLIP (tiny:none): not on this machine")
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: NoClip())
+    monkeypatch.setattr(app.session, "explainer", lambda: NoClip())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("c", *"dog", "enter")
         await settle(app, pilot)
         scr = main_screen(app)
-        assert scr.mode == "text" and scr.filters.text == "dog"
-        assert scr.model.query is None
-        assert shown(app) and all("dog" in scr.model.table.label[scr.model.row_of(*k)]
-                                  + scr.model.table.top_concepts[scr.model.row_of(*k)] for k in shown(app))  # fmt: skip
+        assert scr.mode == "text" and scr.session.filters.text == "dog"
+        assert scr.session.model.query is None
+        assert shown(app) and all("dog" in scr.session.model.table.label[scr.session.model.row_of(*k)]
+                                  + scr.session.model.table.top_concepts[scr.session.model.row_of(*k)] for k in shown(app))  # fmt: skip
 
 
 # -- the command line: bad caches give one clear line, no traceback -------------------------
@@ -571,6 +624,7 @@ async def test_sql_long_query_is_cancellable(cache):
         assert str(scr.query_one("#sql-status").render()).startswith("1 row ")
 
 
+@needs_ordered_export
 async def test_export_checks_folder_and_asks_before_overwriting(cache, tmp_path):
     pytest.importorskip("dissect_tui.store.export")
     from dissect_tui.tui.dialogs import ExportDialog
@@ -605,13 +659,13 @@ async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypat
             return rng.uniform(-1, 1, size=(len(table), len(texts)))
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: Fake())
+    monkeypatch.setattr(app.session, "explainer", lambda: Fake())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         scr = main_screen(app)
         scr.start_query(["red car", "red", "car"], "red car", ["red", "car"])
         await settle(app, pilot)
-        q = scr.model.query
+        q = scr.session.model.query
         table = scr.query_one(NeuronTable)
         width = table.scrollable_content_region.width
         header = table._header(width).plain
@@ -627,7 +681,7 @@ async def test_80_columns_keep_query_scores_and_status_readable(cache, monkeypat
         preview = str(scr.query_one("#preview").render())
         for name, col in [("red car", q.scores), *q.extra.items()]:
             assert f"{name} {col[row]:.3f}" in preview
-        scr.filters.pinned_only = True
+        scr.session.filters.pinned_only = True
         scr.set_cutoff(1e300)
         await pilot.pause()
         status = scr.query_one("#status")
@@ -659,7 +713,7 @@ async def test_compose_cancel_keeps_the_shown_result_and_scrolls_at_80x24(cache,
             raise Cancelled
 
     app = make_app(cache)
-    monkeypatch.setattr(app, "explainer", lambda: Slow())
+    monkeypatch.setattr(app.session, "explainer", lambda: Slow())
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("enter")
@@ -714,7 +768,8 @@ async def test_two_browsers_share_a_cache(cache):
 def test_ui_modules_do_not_import_torch():
     code = (
         "import sys, dissect_tui.tui.app, dissect_tui.tui.main, dissect_tui.tui.detail, dissect_tui.tui.sql, "
-        "dissect_tui.tui.help, dissect_tui.tui.compose, dissect_tui.commands.browse, dissect_tui.store.browse, "
+        "dissect_tui.tui.help, dissect_tui.tui.compose, dissect_tui.tui.session, dissect_tui.tui.base, "
+        "dissect_tui.tui.layers, dissect_tui.commands.browse, dissect_tui.store.browse, "
         "dissect_tui.store.sidecar; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -746,3 +801,159 @@ def test_filter_model_matches_brute_force(built_cache):
         ]  # fmt: skip
         want.sort(key=lambda i: -table.similarity[i])
         assert list(got) == want
+
+
+# -- failures inside workers: one line, never a traceback -----------------------------------
+async def test_a_failing_worker_is_one_error_line_and_the_app_goes_on(cache, monkeypatch):
+    import dissect_tui.tui.detail as detail_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk [/x] on fire\nsecond line")
+
+    monkeypatch.setattr(detail_mod, "neuron_detail", broken)
+    app = make_app(cache)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await settle(app, pilot)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, DetailScreen) and app.return_code is None
+        errors = [n for n in app._notifications if n.severity == "error"]
+        assert [n.message for n in errors] == ["error: RuntimeError: disk [/x] on fire"]
+        assert not errors[0].markup
+        await pilot.press("escape", "down")  # still usable
+        assert isinstance(app.screen, MainScreen) and main_screen(app).query_one(NeuronTable).cursor == 1
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (RuntimeError("read [/x] failed\nat byte 7"), "error: RuntimeError: read [/x] failed"),
+        ("user", "error: cannot read [/x] neurons"),
+    ],
+)
+async def test_a_failing_load_ends_the_app_with_one_line(cache, monkeypatch, capsys, exc, line):
+    import dissect_tui.tui.main as main_mod
+    from dissect_tui.errors import CacheError
+
+    def broken(*args, **kwargs):
+        raise CacheError("cannot read [/x] neurons") if exc == "user" else exc
+
+    monkeypatch.setattr(main_mod, "load_neuron_table", broken)
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+    assert app.return_code == 2
+    assert capsys.readouterr().err.splitlines() == [line]  # what Textual prints on exit
+
+
+# -- export: what is exported is what is shown ------------------------------------------------
+class FakeRanking:
+    """Query scores without CLIP: a fixed random ranking."""
+
+    def query_scores(self, texts, table):
+        rng = np.random.default_rng(7)
+        scores = rng.normal(size=(len(table), len(texts))) * 3
+        scores[-1] = scores.min() - 1  # the last neuron of the layer order is the worst match
+        return scores
+
+
+async def _export_ranked_view(app, pilot, path: Path) -> tuple[list[tuple[str, int]], np.ndarray, MainScreen]:
+    """τ = 0.3 with `+`, a two-concept ranking "red car"; exports the view; returns it and its scores."""
+    await settle(app, pilot)
+    scr = main_screen(app)
+    for _ in range(14):
+        await pilot.press("plus")
+    assert scr.session.filters.cutoff == pytest.approx(0.30)
+    scr.start_query(["red car", "red", "car"], "red car", ["red", "car"])
+    await settle(app, pilot)
+    view = shown(app)
+    rows = scr.query_one(NeuronTable).rows
+    await pilot.press("e")
+    app.screen.query_one("#path").value = str(path)
+    await pilot.press("enter")
+    await settle(app, pilot)
+    return view, rows, scr
+
+
+async def test_export_passes_the_view_to_the_store(cache, tmp_path, monkeypatch):
+    import dissect_tui.store.export as export_mod
+
+    calls = []
+    monkeypatch.setattr(export_mod, "export_neurons", lambda *a, **k: calls.append((a, k)) or len(k["keys"]))
+    app = make_app(cache)
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
+    async with app.run_test(size=SIZE) as pilot:
+        view, rows, scr = await _export_ranked_view(app, pilot, tmp_path / "v.csv")
+        q = scr.session.model.query
+    [(args, kwargs)] = calls
+    assert kwargs["keys"] == view and kwargs["keep_order"] is True
+    assert kwargs["cutoff"] == pytest.approx(0.30)
+    assert list(kwargs["extra"]) == ["query: red car", "query: red", "query: car"]
+    np.testing.assert_allclose(kwargs["extra"]["query: red car"], q.scores[rows])
+    np.testing.assert_allclose(kwargs["extra"]["query: car"], q.extra["car"][rows])
+
+
+@needs_ordered_export
+async def test_export_writes_the_shown_cutoff_order_and_query_scores(cache, tmp_path, monkeypatch):
+    out = tmp_path / "ranked.csv"
+    app = make_app(cache)
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
+    async with app.run_test(size=SIZE) as pilot:
+        view, rows, scr = await _export_ranked_view(app, pilot, out)
+        q = scr.session.model.query
+    with open(out, newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert [(r["layer"], int(r["unit"])) for r in written] == view  # the on-screen order
+    sims = [float(r["similarity"]) for r in written]
+    assert [r["interpretable"] == "True" for r in written] == [s > 0.30 for s in sims]
+    assert any(0.16 < s <= 0.30 for s in sims)  # rows the run's own cutoff would call interpretable
+    np.testing.assert_allclose([float(r["query: red car"]) for r in written], q.scores[rows], rtol=1e-6)
+
+
+# -- where the cursor goes ----------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["concept", "two"])
+async def test_a_ranking_opens_at_its_best_row(cache, monkeypatch, how):
+    app = make_app(cache)
+    monkeypatch.setattr(app.session, "explainer", lambda: FakeRanking())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        table = main_screen(app).query_one(NeuronTable)
+        await pilot.press("G")  # the cursor at the bottom, the table scrolled down
+        assert table.cursor == 45 and table.scroll_offset.y > 0
+        if how == "concept":
+            await pilot.press("c", *"dog", "enter")
+        else:
+            await pilot.press("2", *"red", "tab", *"car", "enter")
+        await settle(app, pilot)
+        q = main_screen(app).session.model.query
+        assert q is not None
+        assert table.cursor == 0 and table.current_row() == int(np.argmax(q.scores))
+        assert table.scroll_offset.y == 0
+
+
+async def test_interpretable_only_keeps_the_cursor_near_its_neuron(cache):
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        scr = main_screen(app)
+        table = scr.query_one(NeuronTable)
+        scr.set_cutoff(0.33)  # about half the neurons fall below τ
+        await pilot.pause()
+        before = list(table.rows)
+        good = scr.session.model.interpretable(scr.session.filters.cutoff)
+        # A neuron below τ with several below-τ neurons above it: its old index points elsewhere.
+        pos = next(
+            i for i, r in enumerate(before) if not good[r] and sum(not good[x] for x in before[:i]) >= 2
+        )
+        for _ in range(pos):
+            await pilot.press("down")
+        assert table.cursor == pos
+        await pilot.press("i")
+        kept = [i for i, r in enumerate(before) if good[r]]
+        nearest = min(kept, key=lambda i: (abs(i - pos), i < pos))  # the following one on a tie
+        assert table.current_row() == before[nearest]
+        # Back to all neurons: the cursor stays on that neuron.
+        await pilot.press("i")
+        assert table.current_row() == before[nearest]

@@ -20,7 +20,10 @@ def cache(tmp_path_factory):
 
 
 def _app(cache, graphics: str) -> BrowserApp:
-    return BrowserApp(open_cache(cache), graphics=graphics, image_cls=prepare_graphics(graphics))
+    # The colour system is fixed: detected from $TERM it would pick the 16-colour theme on TERM=xterm.
+    return BrowserApp(
+        open_cache(cache), graphics=graphics, image_cls=prepare_graphics(graphics), color_system="truecolor"
+    )
 
 
 async def _loaded(pilot) -> None:

@@ -1,4 +1,8 @@
-"""The `dissect-tui browse` application: state shared by the screens, and the cursors they query with.
+"""The `dissect-tui browse` application: owns the session and pushes the first screen.
+
+Import graph (checked by a test, no cycles): app → main → detail → compose; every screen →
+session, base, widgets. Screens never import the app: they get the session in their constructor
+and answer with Textual messages or ``dismiss`` results, as harlequin's components do.
 
 No torch here: the CLIP text tower is loaded by dissect_tui.explain, imported inside a worker
 the first time a concept query or composition needs it.
@@ -6,34 +10,44 @@ the first time a concept query or composition needs it.
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.widget import Widget
-from textual.widgets import Input, TextArea
+from textual.screen import Screen
 
 from dissect_tui.store.reader import CacheReader
-from dissect_tui.store.sidecar import Sidecar, run_key, sidecar_path
+from dissect_tui.tui.base import ReportsWorkerErrors, is_text_entry
+from dissect_tui.tui.compose import ComposeScreen
+from dissect_tui.tui.detail import DetailScreen
+from dissect_tui.tui.help import NAV, HelpScreen, HelpSection, binding_keys, binding_rows
+from dissect_tui.tui.main import MainScreen
+from dissect_tui.tui.neuron_table import NeuronTable
+from dissect_tui.tui.session import BrowseSession
+from dissect_tui.tui.sql import SqlScreen
 
 
-def is_text_entry(widget: Widget | None) -> bool:
-    """True while keys go to a text box: single-key bindings then type, so the footer hides them."""
-    return isinstance(widget, Input | TextArea)
-
-
-class BrowserApp(App):
+class BrowserApp(ReportsWorkerErrors, App):
     """Browse one run of a cache. ``reader`` is an open read-only CacheReader."""
 
     CSS_PATH = "browse.tcss"
     TITLE = "dissect-tui"
-    ENABLE_COMMAND_PALETTE = False
+    ENABLE_COMMAND_PALETTE = True
     BINDINGS = [
         Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("colon", "sql", "SQL", key_display=":"),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="Help: every key"),
+        Binding("colon", "sql", "SQL", key_display=":", tooltip="SQL over the cache (read-only)"),
+        Binding(
+            "ctrl+p",
+            "command_palette",
+            "Commands",
+            show=False,
+            priority=True,
+            tooltip="Command palette: every action by name",
+        ),
     ]
 
     def __init__(
@@ -43,17 +57,21 @@ class BrowserApp(App):
         graphics: str = "none",
         image_cls: Any = None,
         sidecar_file: Path | None = None,
+        clip: str | None = None,
+        color_system: str | None = None,
     ) -> None:
+        """``clip``: a CLIP spec to use instead of the run's (its weights moved, e.g. from a GPU box
+        to a laptop). ``color_system``: the terminal's, as Rich names it ("standard" for 16 colours,
+        "256", "truecolor"); None detects it. On 16 colours the app uses Textual's ANSI theme, so
+        states stay readable in the terminal's own palette."""
         super().__init__()
-        self.reader = reader
-        self.requested_run = run_id
         self.graphics = graphics
-        self.image_cls = image_cls
-        self._sidecar_file = sidecar_file
-        self.sidecar: Sidecar | None = None
-        self.run_info: dict[str, Any] = {}
-        self._explainer: Any = None
-        self._explainer_lock = threading.Lock()
+        self.session = BrowseSession(
+            reader, requested_run=run_id, image_cls=image_cls, sidecar_file=sidecar_file, clip=clip
+        )
+        colors = color_system if color_system is not None else self.console.color_system
+        if colors in ("standard", "windows"):
+            self.theme = "ansi-dark"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("quit", "help", "sql") and is_text_entry(self.focused):
@@ -61,45 +79,46 @@ class BrowserApp(App):
         return True
 
     def on_mount(self) -> None:
-        from dissect_tui.tui.main import MainScreen
+        self.push_screen(MainScreen(self.session))
 
-        self.push_screen(MainScreen())
-
-    # -- shared services -------------------------------------------------------------
     def cursor(self) -> CacheReader:
-        """A reader on its own DuckDB cursor, for one worker thread (close it when done)."""
-        return CacheReader(self.reader.con.cursor(), self.reader.path)
+        """A reader on its own DuckDB cursor (the SQL screen's way to the cache)."""
+        return self.session.cursor()
 
-    def open_sidecar(self, run: dict[str, Any]) -> Sidecar | None:
-        """The writable sidecar for this run, or None when no writable place exists."""
-        if self.reader.path is None:
-            return None
-        try:
-            path = self._sidecar_file or sidecar_path(self.reader.path)
-            self.sidecar = Sidecar(path, run_key(run))
-        except Exception as exc:  # saving is a convenience: browsing must go on without it
-            self.call_from_thread(self.notify, f"results will not be saved: {exc}", severity="warning")
-            self.sidecar = None
-        return self.sidecar
-
-    def explainer(self) -> Any:
-        """The CLIP-backed explainer (loads torch and the text tower); call from a worker thread."""
-        with self._explainer_lock:
-            if self._explainer is None:
-                from dissect_tui.explain import Explainer
-
-                self._explainer = Explainer(self.cursor, self.run_info)
-            return self._explainer
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (Ctrl+P): every action the current screen offers, by name and key."""
+        seen: set[str] = set()
+        for active in screen.active_bindings.values():
+            binding = active.binding
+            if not active.enabled or not binding.description or binding.action.endswith("command_palette"):
+                continue
+            title = binding.tooltip or binding.description
+            if title in seen:
+                continue
+            seen.add(title)
+            action = partial(self.run_action, binding.action, active.node)
+            yield SystemCommand(title, f"key {binding_keys(binding)}", action)
 
     # -- global actions ----------------------------------------------------------------
     def action_help(self) -> None:
-        from dissect_tui.tui.help import HelpScreen
-
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(help_sections()))
 
     def action_sql(self) -> None:
-        from dissect_tui.tui.sql import SqlScreen
-
         if not isinstance(self.screen, SqlScreen):
             self.push_screen(SqlScreen())
+
+
+def help_sections() -> list[HelpSection]:
+    """Every key of every screen, from the screens' own bindings."""
+    everywhere = binding_rows(BrowserApp.BINDINGS)
+    keys = [k for k, _ in everywhere]
+    table = [b for b in NeuronTable.BINDINGS if isinstance(b, Binding) and b.show]  # Open; moves are in NAV
+    return [
+        ("Everywhere", everywhere),
+        ("Navigation", NAV),
+        ("Main screen", binding_rows([*table, *MainScreen.BINDINGS], global_keys=keys)),
+        ("Neuron detail", binding_rows(DetailScreen.BINDINGS, global_keys=keys)),
+        ("Two-concept explanation", binding_rows(ComposeScreen.BINDINGS, global_keys=keys)),
+        ("SQL screen", binding_rows(SqlScreen.BINDINGS, global_keys=keys)),
+    ]

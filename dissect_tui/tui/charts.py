@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from rich.text import Text
 
+from dissect_tui.text import printable
+
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
@@ -18,10 +20,12 @@ def bar_chart(items: Sequence[tuple[str, float]], width: int = 40, highlight: st
     scores = np.array([s for _, s in items], dtype=np.float64)
     lo, hi = min(0.0, float(scores.min())), float(scores.max())
     span = hi - lo or 1.0
-    name_w = min(max(len(t) for t, _ in items), max(8, width // 2))
+    names = [printable(t) for t, _ in items]  # concept texts come from the cache: shown inert
+    name_w = min(max(len(t) for t in names), max(8, width // 2))
     bar_w = max(4, width - name_w - 10)
     for i, (text, score) in enumerate(items):
-        name = text if len(text) <= name_w else text[: name_w - 1] + "…"
+        shown = names[i]
+        name = shown if len(shown) <= name_w else shown[: name_w - 1] + "…"
         n = (score - lo) / span * bar_w
         full = int(n)
         bar = "█" * full + (BLOCKS[int((n - full) * 8)] if full < bar_w else "")

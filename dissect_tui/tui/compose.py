@@ -3,28 +3,49 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import ItemGrid, VerticalScroll
-from textual.screen import ModalScreen
+from textual.message import Message
 from textual.widgets import Footer, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from dissect_tui.errors import UserError
+from dissect_tui.text import printable
+from dissect_tui.tui.base import HELP, QUIT, BrowseModal
 from dissect_tui.tui.charts import bar_chart
+from dissect_tui.tui.session import BrowseSession
 
 BREADTHS = (10, 20, 100)
 
+# (breadth used, best pairs, best singles): what Explainer.compose returns and the sidecar stores.
+Composition = tuple[int, list[tuple[str, float]], list[tuple[str, float]]]
 
-class ComposeScreen(ModalScreen):
-    """Dismisses with (breadth, pairs, singles) of the last finished result, or None."""
+
+class ComposeScreen(BrowseModal):
+    """Dismisses with the last finished Composition, or None."""
+
+    class Progress(Message):
+        def __init__(self, done: int, total: int) -> None:
+            super().__init__()
+            self.done, self.total = done, total
+
+    class Computed(Message):
+        def __init__(self, result: Composition) -> None:
+            super().__init__()
+            self.result = result
+
+    class Failed(Message):
+        def __init__(self, message: str) -> None:
+            super().__init__()
+            self.message = message
 
     BINDINGS = [
-        Binding("escape", "close", "Cancel / back"),
         # A modal screen hides the app's bindings: q and ? must still work here.
-        Binding("q", "app.quit", "Quit"),
-        Binding("question_mark", "app.help", "Help", key_display="?"),
+        QUIT,
+        HELP,
+        Binding("escape", "close", "Back", tooltip="Cancel the computation, or back"),
         Binding("1", "breadth(10)", "Top 10"),
         Binding("2", "breadth(20)", "Top 20"),
         Binding("3", "breadth(100)", "Top 100"),
@@ -37,12 +58,13 @@ class ComposeScreen(ModalScreen):
     ComposeScreen #c-results { height: auto; }
     """
 
-    def __init__(self, key: tuple[str, int], label: str, breadth: int = 10) -> None:
+    def __init__(self, session: BrowseSession, key: tuple[str, int], label: str, breadth: int = 10) -> None:
         super().__init__()
+        self.session = session
         self.key = key
         self.label = label
         self.breadth = breadth
-        self.result: tuple[int, list, list] | None = None
+        self.result: Composition | None = None
         self._worker: Worker | None = None
 
     def compose(self) -> ComposeResult:
@@ -53,19 +75,20 @@ class ComposeScreen(ModalScreen):
             with ItemGrid(id="c-results", min_column_width=44):
                 yield Static("", id="c-pairs")
                 yield Static("", id="c-singles")
-        yield Footer()
+        yield Footer(compact=True)
 
     def _title(self) -> Text:
         layer, unit = self.key
         return Text.assemble(
             ("Two-concept explanation ", "bold"),
-            f"of {layer}:{unit} (label: {self.label}) · breadth: top {self.breadth} concepts "
+            f"of {printable(layer)}:{unit} (label: {printable(self.label)}) · breadth: top {self.breadth} concepts "
             f"→ {self.breadth * (self.breadth - 1):,} pairs",
         )
 
     def on_mount(self) -> None:
         self.query_one("#c-box").focus()
-        stored = self.app.sidecar.composition(*self.key) if self.app.sidecar is not None else None
+        sidecar = self.session.sidecar
+        stored = sidecar.composition(*self.key) if sidecar is not None else None
         if stored is not None:
             self.breadth = stored[0]
             self.query_one("#c-title", Static).update(self._title())
@@ -99,35 +122,44 @@ class ComposeScreen(ModalScreen):
         self.dismiss(self.result)
 
     # -- worker ------------------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="compose")
+    @work(thread=True, exclusive=True, group="compose", exit_on_error=False)
     def compute(self, breadth: int) -> None:
         worker = get_current_worker()
-        app = self.app
         from dissect_tui.explain import Cancelled
 
         def progress(done: int, total: int) -> None:
-            app.call_from_thread(
-                self.query_one("#c-progress", ProgressBar).update, total=total, progress=done
-            )
+            self.post_message(self.Progress(done, total))
 
+        session = self.session
         try:
-            result = app.explainer().compose(*self.key, breadth, progress, lambda: worker.is_cancelled)
+            result = session.explainer().compose(*self.key, breadth, progress, lambda: worker.is_cancelled)
         except Cancelled:
             return
         except UserError as exc:
-            app.call_from_thread(self._failed, str(exc))
+            self.post_message(self.Failed(str(exc)))
             return
         if worker.is_cancelled:
             return
-        if app.sidecar is not None:
-            app.sidecar.save_composition(*self.key, result[0], result[1], result[2])
-        app.call_from_thread(self._show, result, f"computed from the top {result[0]} concepts; saved")
+        if session.sidecar is not None:
+            session.sidecar.save_composition(*self.key, result[0], result[1], result[2])
+        self.post_message(self.Computed(result))
 
-    def _failed(self, message: str) -> None:
-        self.query_one("#c-status", Static).update(Text(message, style="red"))
+    @on(Progress)
+    def _progress(self, event: Progress) -> None:
+        if self._worker is None:
+            return  # cancelled: a late report must not move the bar of the result still shown
+        self.query_one("#c-progress", ProgressBar).update(total=event.total, progress=event.done)
+
+    @on(Computed)
+    def _computed(self, event: Computed) -> None:
+        self._show(event.result, f"computed from the top {event.result[0]} concepts; saved")
+
+    @on(Failed)
+    def _failed(self, event: Failed) -> None:
+        self.query_one("#c-status", Static).update(Text(printable(event.message), style="red"))
         self._worker = None
 
-    def _show(self, result: tuple[int, list, list], status: str) -> None:
+    def _show(self, result: Composition, status: str) -> None:
         self.result = result
         self._worker = None
         _, pairs, singles = result

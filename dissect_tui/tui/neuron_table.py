@@ -15,11 +15,19 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from dissect_tui.text import printable
 from dissect_tui.tui.model import NeuronModel
 
 INTERPRETABLE = "✓"
 NOT_INTERPRETABLE = "·"
 PIN = "◆"
+ASCENDING_KEYS = ("layer", "unit", "label")  # the rest (score, query) sort best first
+
+
+def sort_arrow(sort: str, reverse: bool) -> str:
+    """One convention for every column: ▲ smallest first (ascending), ▼ largest first (descending)."""
+    ascending = (sort in ASCENDING_KEYS) != reverse
+    return "▲" if ascending else "▼"
 
 
 class NeuronTable(ScrollView, can_focus=True):
@@ -38,8 +46,10 @@ class NeuronTable(ScrollView, can_focus=True):
     DEFAULT_CSS = """
     NeuronTable { height: 1fr; overflow-x: hidden; }
     NeuronTable > .neuron-table--header { text-style: bold; background: $panel; }
-    NeuronTable > .neuron-table--cursor { background: $accent 40%; }
-    NeuronTable:focus > .neuron-table--cursor { background: $accent; color: $text; }
+    NeuronTable > .neuron-table--cursor { background: $block-cursor-blurred-background; }
+    NeuronTable:focus > .neuron-table--cursor {
+        background: $block-cursor-background; color: $block-cursor-foreground; text-style: $block-cursor-text-style;
+    }
     NeuronTable > .neuron-table--good { color: $success; }
     """
 
@@ -63,15 +73,28 @@ class NeuronTable(ScrollView, can_focus=True):
         self.reverse = False
 
     # -- data ------------------------------------------------------------------------
-    def set_view(self, model: NeuronModel, rows: np.ndarray, cutoff: float, sort: str, reverse: bool) -> None:
+    def set_view(
+        self,
+        model: NeuronModel,
+        rows: np.ndarray,
+        cutoff: float,
+        sort: str,
+        reverse: bool,
+        *,
+        top: bool = False,
+    ) -> None:
+        """Show ``rows``. ``top``: put the cursor on the first row (a fresh ranking opens at its best);
+        otherwise it stays on the same neuron, or the nearest one still shown (in the old view's order)."""
+        old_rows, old_cursor = self.rows, self.cursor
         keep = self.current_row()
         self.model, self.rows, self.cutoff, self.sort, self.reverse = model, rows, cutoff, sort, reverse
-        # Keep the cursor on the same neuron when it is still in the view.
-        if keep is not None and len(rows):
+        self.cursor = 0
+        if not top and keep is not None and len(rows):
             hit = np.flatnonzero(rows == keep)
-            self.cursor = int(hit[0]) if len(hit) else min(self.cursor, len(rows) - 1)
-        else:
-            self.cursor = 0
+            if len(hit):
+                self.cursor = int(hit[0])
+            else:
+                self.cursor = _nearest_kept(old_rows, old_cursor, rows)
         self.virtual_size = Size(0, len(rows) + 1)
         self._scroll_cursor_visible()
         self.refresh()
@@ -118,6 +141,10 @@ class NeuronTable(ScrollView, can_focus=True):
     def _scroll_cursor_visible(self) -> None:
         # Line 0 is the header, so row i lives on virtual line i + 1.
         self.scroll_to_region(Region(0, self.cursor, 1, 2), animate=False, immediate=True, force=True)
+
+    def on_resize(self) -> None:
+        # A smaller window must not leave the cursor row below the bottom edge.
+        self.call_after_refresh(self._scroll_cursor_visible)
 
     def on_click(self, event) -> None:  # mouse works, but is never required
         index = int(self.scroll_offset.y) + event.y - 1
@@ -172,7 +199,7 @@ class NeuronTable(ScrollView, can_focus=True):
 
     def _header(self, width: int) -> Text:
         lw, uw, labw, qw = self._widths(width)
-        arrow = "▼" if not self.reverse else "▲"
+        arrow = sort_arrow(self.sort, self.reverse)
 
         def h(name: str, key: str) -> str:
             return name + (arrow if self.sort == key else "")
@@ -180,17 +207,18 @@ class NeuronTable(ScrollView, can_focus=True):
         parts = f"  {h('layer', 'layer'):<{lw}} {h('unit', 'unit'):>{uw}} {h('label', 'label'):<{labw}} {h('score', 'score'):>8} {INTERPRETABLE}"
         if qw and self.model and self.model.query:
             q = self.model.query
-            title = q.title[:6] + arrow if self.sort == "query" else q.title[:7]  # 7 cells, arrow included
+            qt = printable(q.title)
+            title = qt[:6] + arrow if self.sort == "query" else qt[:7]  # 7 cells, arrow included
             extra = list(q.extra)[: qw // 8 - 1]
-            parts += f" {title:>7}" + "".join(f" {k[:7]:>7}" for k in extra)
+            parts += f" {title:>7}" + "".join(f" {printable(k)[:7]:>7}" for k in extra)
         return Text(parts)
 
     def _row_text(self, row: int, width: int) -> Text:
         assert self.model is not None
         t = self.model.table
         lw, uw, labw, qw = self._widths(width)
-        layer = t.layers[int(t.layer_idx[row])]
-        label = t.label[row]
+        layer = printable(t.layers[int(t.layer_idx[row])])
+        label = printable(t.label[row])
         if len(label) > labw:
             label = label[: labw - 1] + "…"
         if len(layer) > lw:
@@ -206,3 +234,18 @@ class NeuronTable(ScrollView, can_focus=True):
             for col in list(q.extra.values())[: qw // 8 - 1]:
                 text.append(f" {float(col[row]):>7.3f}", style="dim")
         return text
+
+
+def _nearest_kept(old_rows: np.ndarray, old_cursor: int, rows: np.ndarray) -> int:
+    """Index in ``rows`` of the row nearest to ``old_rows[old_cursor]`` in the old order that ``rows``
+    still holds (the following one on a tie), or 0 when none is."""
+    kept = np.flatnonzero(np.isin(old_rows, rows))
+    if not len(kept):
+        return 0
+    after = kept[kept > old_cursor]
+    before = kept[kept < old_cursor]
+    if len(after) and (not len(before) or after[0] - old_cursor <= old_cursor - before[-1]):
+        j = int(after[0])
+    else:
+        j = int(before[-1])
+    return int(np.flatnonzero(rows == old_rows[j])[0])
