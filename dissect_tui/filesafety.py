@@ -200,8 +200,14 @@ class WriteLock:
         import fcntl
 
         while True:
+            flags = os.O_CLOEXEC | os.O_NOFOLLOW
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+            except PermissionError:
+                try:  # another user's lock file in a shared folder: flock works on a read-only fd
+                    fd = os.open(self.path, os.O_RDONLY | flags)
+                except OSError as exc:
+                    raise CacheError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
             except OSError as exc:
                 raise CacheError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
             try:
@@ -225,8 +231,11 @@ class WriteLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # opened read-only: the lock holds, only the PID in it is somebody else's
         self.fd = fd
 
     def release(self) -> None:
