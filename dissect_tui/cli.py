@@ -2,18 +2,24 @@
 
 Each subcommand lives in its own module exposing ``register(subparsers)``; modules import
 their heavy dependencies (torch, textual) inside ``run`` so `--help` and `browse` start fast.
-Every UserError becomes one line on stderr; Ctrl-C exits 130.
+
+Every way a command can end is one line at most: a UserError, a full disk, a damaged file, a
+DuckDB failure or an OS error print ``error: …`` and exit 2; Ctrl-C exits 130, SIGTERM 143,
+SIGHUP 129 (128 + the signal), after the same cleanup (see dissect_tui.signals). Cache write
+locks still held when a command ends are released here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
 
-from dissect_tui import __version__
+from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import UserError
+from dissect_tui.text import printable
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("index", "relabel", "browse", "sql", "export", "evaluate", "analyze")
@@ -45,15 +51,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _run(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C again while the first ending was being reported
+        return signals.exit_code(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        if args.command != "browse":  # the browser's event loop keeps the default signal handling
+            stack.enter_context(signals.command_signals())
+        stack.enter_context(filesafety.notes_to(_print_note))
+        try:
+            return int(args.func(args) or 0)
+        except BaseException as exc:  # noqa: BLE001 - every ending becomes one line (a bug: a traceback)
+            signals.settle()
+            code = _report(exc)
+            if code is None:
+                raise
+            return code
+        finally:
+            signals.settle()
+            filesafety.release_all()
+
+
+def _report(exc: BaseException) -> int | None:
+    """Print one line for how a command ended; the exit code, or None to re-raise (a bug, an exit)."""
+    if signals.is_interrupt(exc) or signals.received_signal() is not None:
+        # (after SIGTERM/SIGHUP, whatever error follows is its consequence: DuckDB reports it its own way)
+        code = signals.exit_code(exc)
+        _say("interrupted" if code == 130 else f"interrupted ({signals.signal_name(code)})")
+        return code
+    if isinstance(exc, UserError):
+        _say(f"error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         return 0  # `dissect-tui sql … | head`
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is not None and isinstance(exc, duckdb.Error):  # a damaged file, a full disk
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _say(f"error: database error: {text}")
+        return 2
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"error: {where}{exc.strerror or exc}")
+        return 2
+    return None
+
+
+def _say(line: str) -> None:
+    """One line on stderr, control characters made visible; a vanished terminal is no error."""
+    try:
+        print(printable(line), file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+def _print_note(message: str) -> None:
+    _say(f"note: {message}")
 
 
 if __name__ == "__main__":

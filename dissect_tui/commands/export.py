@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write neuron labels to CSV or Parquet",
         description="Write one run's neuron labels to a CSV or Parquet file (chosen by the suffix). "
         "Columns: layer, unit, description, similarity (as CLIP-Dissect writes them), then "
-        "interpretable, concept_id, top_concepts (best 5, '; '-separated), run_id.",
+        "interpretable, concept_id, top_concepts (best 5, '; '-separated), run_id, and cutoff when "
+        "--cutoff is given.",
     )
     p.add_argument("db", metavar="DB", help="cache file, or a model name resolved to cache/NAME.duckdb")
     p.add_argument("out", metavar="OUT", help="output file: NAME.csv or NAME.parquet")
@@ -43,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="T",
-        help="interpretability cutoff for the interpretable column (default: the run's)",
+        help="interpretability cutoff for the interpretable column, also written as a cutoff column "
+        "(default: the run's)",
     )
     p.add_argument(
         "--interpretable-only", action="store_true", help="only neurons whose similarity is above the cutoff"
@@ -55,7 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="only neurons whose label or top-5 concepts contain TEXT (case-insensitive)",
     )
     p.add_argument("--format", choices=("csv", "parquet"), default=None, help="override the suffix")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite OUT if it is an existing file (a symbolic link's target; never a folder, device or FIFO)",
+    )
     p.set_defaults(func=run)
 
 

@@ -12,7 +12,7 @@ import duckdb
 import numpy as np
 
 from dissect_tui.errors import CacheError
-from dissect_tui.store.reader import CacheReader
+from dissect_tui.store.reader import CacheReader, reading
 
 TOP_CONCEPTS_FOR_SEARCH = 5
 CORRELATION_IMAGES = 2048
@@ -34,6 +34,7 @@ class NeuronTable:
         return len(self.unit)
 
 
+@reading
 def load_neuron_table(
     reader: CacheReader, run_id: int, n_top: int | None = TOP_CONCEPTS_FOR_SEARCH
 ) -> NeuronTable:
@@ -60,6 +61,7 @@ def load_neuron_table(
     return table
 
 
+@reading
 def load_top_concepts(
     reader: CacheReader, run_id: int, table: NeuronTable, n_top: int = TOP_CONCEPTS_FOR_SEARCH
 ) -> list[str]:
@@ -100,6 +102,7 @@ class NeuronDetail:
     samples: list[tuple[str, list[tuple[int, float, str]]]]  # (band, [(image_id, act, path)])
 
 
+@reading
 def neuron_detail(
     reader: CacheReader,
     run_id: int,
@@ -157,6 +160,7 @@ def percentile_samples(
     ]
 
 
+@reading
 def image_paths(reader: CacheReader, image_ids: list[int]) -> dict[int, str]:
     if not image_ids:
         return {}
@@ -166,6 +170,7 @@ def image_paths(reader: CacheReader, image_ids: list[int]) -> dict[int, str]:
     return {int(i): p for i, p in rows}
 
 
+@reading
 def thumbnails(reader: CacheReader, image_ids: list[int]) -> dict[int, bytes]:
     if not image_ids:
         return {}
@@ -175,6 +180,7 @@ def thumbnails(reader: CacheReader, image_ids: list[int]) -> dict[int, bytes]:
     return {int(i): bytes(b) for i, b in rows}
 
 
+@reading
 def similar_labels(
     reader: CacheReader, run_id: int, layer: str, unit: int, limit: int = 8
 ) -> list[tuple[str, int, str, float]]:
@@ -198,6 +204,7 @@ def similar_labels(
     ).fetchall()
 
 
+@reading
 def correlated_units(
     reader: CacheReader, layer: str, unit: int, limit: int = 8, max_images: int = CORRELATION_IMAGES
 ) -> tuple[list[tuple[int, float]], int]:
@@ -213,8 +220,11 @@ def correlated_units(
     ).to_arrow_table()
     if tbl.num_rows < 3:
         return [], tbl.num_rows
-    flat = tbl.column("acts").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    acts = flat.astype(np.float32).reshape(tbl.num_rows, -1)
+    k = reader.n_units(layer)
+    col = tbl.column("acts").combine_chunks()
+    reader.check_activation_rows(layer, np.asarray(col.value_lengths().fill_null(-1)), k)
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    acts = flat.astype(np.float32).reshape(tbl.num_rows, k)
     acts = acts - acts.mean(axis=0)
     norms = np.linalg.norm(acts, axis=0)
     norms[norms == 0] = np.inf

@@ -11,14 +11,17 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from dissect_tui import signals
 from dissect_tui.errors import CacheError, UserError
+from dissect_tui.filesafety import remove_stale_temporaries, tmp_name, writable_target
+from dissect_tui.signals import is_interrupt, track
 from dissect_tui.store.reader import CacheReader
 
 # Reference columns first, exactly as CLIP-Dissect's describe_neurons.py writes them.
@@ -121,6 +124,8 @@ def neuron_table(
     try:
         return reader.con.sql(sql, params=params).to_arrow_table()
     except duckdb.Error as exc:
+        if is_interrupt(exc):
+            raise
         raise CacheError(f"cannot read neurons of run {run_id}: {str(exc).splitlines()[0]}") from None
 
 
@@ -135,23 +140,46 @@ def export_neurons(
     interpretable_only: bool = False,
     text: str | None = None,
     overwrite: bool = False,
+    *,
+    keep_order: bool = False,
+    extra: Mapping[str, Sequence[float]] | None = None,
 ) -> int:
     """Write one run's neuron labels to CSV or Parquet; returns the number of neurons written.
 
-    ``cutoff`` decides the interpretable column and --interpretable-only (default: the run's);
-    ``keys`` restricts to those (layer, unit) pairs; ``text`` is a case-insensitive substring
-    of the label or one of the top concepts.
+    ``cutoff`` decides the interpretable column and ``interpretable_only`` (``similarity >
+    cutoff``; default: the run's cutoff); when given, it is also written as a ``cutoff`` column.
+    ``keys`` restricts to those (layer, unit) pairs, and with ``keep_order`` the rows come out
+    in the order of ``keys`` (the browser's sort order) instead of network order. ``extra``
+    adds float columns after the standard ones, name -> values aligned with ``keys`` (e.g. a
+    concept query's scores). ``text`` is a case-insensitive substring of the label or one of the
+    top concepts. The file is written beside ``path`` and renamed into place; ``overwrite``
+    replaces an existing regular file (a symbolic link's target; the link stays), never a
+    folder, a device or a FIFO.
     """
     path = Path(path).expanduser()
     fmt = export_format(path, fmt)
-    if path.is_dir():
+    extra = dict(extra or {})
+    if extra:
+        if keys is None:
+            raise ValueError("extra columns need keys: their values are aligned with keys")
+        for name, values in extra.items():
+            if name in (*COLUMNS, "cutoff"):
+                raise ValueError(f"extra column {name!r} would replace a standard column")
+            if len(values) != len(keys):
+                raise ValueError(f"extra column {name!r} has {len(values)} values for {len(keys)} keys")
+    target = writable_target(path, "output file", UserError)
+    if target.is_dir():
         raise UserError(f"{path} is a folder; give a file name ending in .csv or .parquet")
-    if not path.parent.is_dir():
-        raise UserError(f"folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
+    if not target.parent.is_dir():
+        raise UserError(f"folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in folder {target.parent}: choose another output file")
+    if os.path.lexists(path) and not overwrite:
         raise UserError(f"{path} exists; pass --force to overwrite it")
     table = neuron_table(reader, run_id, keys, cutoff, layers, interpretable_only, text)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    table = _arrange(table, keys, keep_order, extra, cutoff)
+    remove_stale_temporaries(target)
+    tmp = tmp_name(target)
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -159,12 +187,46 @@ def export_neurons(
             pq.write_table(table, tmp)
         else:
             _write_csv(table, tmp)
-        _move_into_place(tmp, path, overwrite)
+        _move_into_place(tmp, target, overwrite, shown=path)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with signals.deferred():  # a second Ctrl-C must not leave the temporary file behind
+            try:
+                tmp.unlink()
+            except OSError:  # moved into place, never created, or a read-only file system
+                pass
     return table.num_rows
+
+
+def _arrange(
+    table: pa.Table,
+    keys: Sequence[tuple[str, int]] | None,
+    keep_order: bool,
+    extra: dict[str, Sequence[float]],
+    cutoff: float | None,
+) -> pa.Table:
+    """Rows in the order of ``keys`` (keep_order), the cutoff column, the extra columns."""
+    if keys is not None and (keep_order or extra):
+        position: dict[tuple[str, int], int] = {}
+        for i, (layer, unit) in enumerate(keys):
+            position.setdefault((str(layer), int(unit)), i)
+        rows = [
+            position[(layer, int(unit))]
+            for layer, unit in zip(
+                table.column("layer").to_pylist(), table.column("unit").to_pylist(), strict=True
+            )
+        ]
+        if keep_order:
+            order = sorted(range(len(rows)), key=rows.__getitem__)
+            table = table.take(pa.array(order, type=pa.int64()))
+            rows = [rows[i] for i in order]
+    if cutoff is not None:
+        table = table.append_column("cutoff", pa.array([float(cutoff)] * table.num_rows, type=pa.float64()))
+    for name, values in extra.items():
+        col = [float(values[i]) for i in rows]
+        table = table.append_column(name, pa.array(col, type=pa.float64()))
+    return table
 
 
 def _write_csv(table: pa.Table, path: Path) -> None:
@@ -175,7 +237,8 @@ def _write_csv(table: pa.Table, path: Path) -> None:
             out.writerow(row)
 
 
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+def _move_into_place(tmp: Path, path: Path, overwrite: bool, shown: Path | None = None) -> None:
+    shown = shown or path
     if overwrite:
         os.replace(tmp, path)
         return
@@ -183,10 +246,10 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise UserError(f"{path} exists; pass --force to overwrite it") from None
+        raise UserError(f"{shown} exists; pass --force to overwrite it") from None
     except OSError:  # a filesystem without hard links
-        if path.exists():
-            raise UserError(f"{path} exists; pass --force to overwrite it") from None
+        if os.path.lexists(path):
+            raise UserError(f"{shown} exists; pass --force to overwrite it") from None
         os.replace(tmp, path)
 
 
@@ -203,11 +266,13 @@ def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[li
 
     Errors become CacheError("SQL error: …"); writes are refused by the read-only connection.
     """
-    cur = reader.con.cursor()
+    cur = track(reader.con.cursor())
     try:
         cur.execute(sql)
     except duckdb.Error as exc:
         cur.close()
+        if is_interrupt(exc):
+            raise
         raise CacheError(sql_error_message(exc)) from None
     if cur.description is None:
         cur.close()
@@ -220,6 +285,8 @@ def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[li
                 try:
                     chunk = cur.fetchmany(batch)
                 except duckdb.Error as exc:
+                    if is_interrupt(exc):
+                        raise
                     raise CacheError(sql_error_message(exc)) from None
                 if not chunk:
                     return

@@ -15,12 +15,13 @@ import duckdb
 import numpy as np
 
 from dissect_tui.errors import CacheError
-from dissect_tui.store.reader import CacheReader
+from dissect_tui.store.reader import CacheReader, reading
 from dissect_tui.store.writer import CacheWriter
 
 MetricRow = tuple[str, float | None, str | None]
 
 
+@reading
 def classifier_layers(reader: CacheReader) -> list[tuple[str, str | None]]:
     """(layer, input_layer) of every layer whose weights were stored at index time."""
     rows = reader.con.execute(
@@ -30,6 +31,7 @@ def classifier_layers(reader: CacheReader) -> list[tuple[str, str | None]]:
     return [(r[0], r[1]) for r in rows]
 
 
+@reading
 def layer_labels(reader: CacheReader, run_id: int, layer: str) -> tuple[list[str], np.ndarray]:
     """(labels, similarity scores) of one layer's neurons in unit order; empty when not labelled."""
     rows = reader.con.execute(
@@ -39,6 +41,7 @@ def layer_labels(reader: CacheReader, run_id: int, layer: str) -> tuple[list[str
     return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float64)
 
 
+@reading
 def labelled_layers(reader: CacheReader, run_id: int) -> list[str]:
     """Layers that have neurons in this run, in network order."""
     rows = reader.con.execute(
@@ -49,6 +52,7 @@ def labelled_layers(reader: CacheReader, run_id: int) -> list[str]:
     return [r[0] for r in rows]
 
 
+@reading
 def neuron_concept_ids(reader: CacheReader, run_id: int, layer: str) -> np.ndarray:
     """[K, T] concept ids of each neuron's stored top concepts, best first (T = shortest list)."""
     rows = reader.con.execute(
@@ -69,6 +73,7 @@ def neuron_concept_ids(reader: CacheReader, run_id: int, layer: str) -> np.ndarr
     return ids
 
 
+@reading
 def concept_embeddings_by_text(reader: CacheReader, clip_key: str) -> dict[str, np.ndarray]:
     """Every stored concept embedding of one text tower, keyed by concept text."""
     try:
@@ -86,6 +91,7 @@ def concept_embeddings_by_text(reader: CacheReader, clip_key: str) -> dict[str, 
     return dict(zip(tbl.column("text").to_pylist(), emb, strict=True))
 
 
+@reading
 def read_metrics(
     reader: CacheReader, run_id: int | None = None, analysis: str | None = None
 ) -> list[tuple[int, str, str, float | None, str | None]]:

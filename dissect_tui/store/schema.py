@@ -6,6 +6,9 @@ versions with a clear message instead of failing on a missing column.
 
 from __future__ import annotations
 
+import functools
+import re
+
 SCHEMA_VERSION = 2
 # Versions this dissect-tui reads. 1 -> 2 added runs.template and the meta 'format' marker; a
 # version-1 cache is read as is (the template of its runs is recovered from clip_key) and is
@@ -173,9 +176,35 @@ CREATE VIEW latest_neurons AS
     SELECT n.* FROM neurons n WHERE n.run_id = (SELECT max(run_id) FROM runs);
 """
 
+# Columns added by each schema version, per relation: older caches are read without them.
+ADDED_IN = {2: {"runs": ("template",)}}
+
 # Documented relation names; readers check these exist.
 RELATIONS = (
     "meta runs layers images thumbnails concepts run_concepts image_embeddings concept_embeddings "
     "activation_rows activations p top_images neurons neuron_concepts image_concepts image_softmax "
     "linear_weights metrics latest_run latest_neurons"
 ).split()
+
+
+@functools.cache
+def _columns_of_ddl() -> dict[str, tuple[str, ...]]:
+    """Every table and its columns, and every view (no columns: a view is checked by name), read
+    from the DDL above. Each column is one line of a CREATE TABLE that starts with its name."""
+    out: dict[str, tuple[str, ...]] = {}
+    for table, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\n\);", TABLES + embedding_tables(2), re.S):
+        lines = (line.strip() for line in body.splitlines())
+        out[table] = tuple(line.split()[0] for line in lines if line and not line.startswith("PRIMARY KEY"))
+    for view in re.findall(r"CREATE VIEW (\w+) AS", VIEWS):
+        out[view] = ()
+    return out
+
+
+def expected_columns(version: int) -> dict[str, tuple[str, ...]]:
+    """relation -> columns a cache of this schema version has (from the DDL, less later additions)."""
+    columns = dict(_columns_of_ddl())
+    for added_in, relations in ADDED_IN.items():
+        if version < added_in:
+            for relation, names in relations.items():
+                columns[relation] = tuple(c for c in columns[relation] if c not in names)
+    return columns

@@ -3,41 +3,56 @@
 DuckDB locks a file against every other process while a read-write connection is open, so a
 cache that browsers may have open is never written in place: a new cache is built in
 ``.NAME.tmp-PID`` beside it (a relabel or evaluation copies the old one first) and
-``os.replace`` swaps it in. On any failure, or Ctrl-C, the temporary file is removed and the
-previous cache is untouched.
+``os.replace`` swaps it in. On any failure, Ctrl-C, SIGTERM or SIGHUP the temporary file is
+removed and the previous cache is untouched; one that SIGKILL left behind is removed by the
+next writer of that cache (see dissect_tui.filesafety).
+
+What may be replaced (``check_target``): nothing but a file positively identified as a
+dissect-tui cache of a readable schema version, or an empty file. A user's DuckDB database, a
+file another program holds open, a damaged or unreadable file, a device, a FIFO: refused with
+one line. A symbolic link is followed: its target is replaced, the link stays. One process
+at a time writes a cache (a lock file, ``.NAME.lock``, names the writer's PID).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dissect_tui import __version__
+from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.schema import FORMAT_KEY, FORMAT_VALUE, SCHEMA_VERSION, TABLES, VIEWS, embedding_tables
+from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, truncation
+from dissect_tui.store.schema import (
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    READABLE_VERSIONS,
+    SCHEMA_VERSION,
+    TABLES,
+    VIEWS,
+    embedding_tables,
+)
+
+T = TypeVar("T")
 
 
 def _tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return filesafety.tmp_name(final)
 
 
 def _remove_db_files(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".wal")):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    filesafety.remove_db_files(path)
 
 
 def _float_list_array(matrix: np.ndarray) -> pa.Array:
@@ -56,10 +71,18 @@ def _fixed_array(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=pa.float32()), matrix.shape[1])
 
 
-def check_target(final: Path) -> None:
-    """Fail before any work if a cache cannot be written at ``final``: it is a folder, its folder
-    cannot be created or written, or it is some other file (never overwrite a user's data)."""
-    final = Path(final)
+def check_target(final: Path) -> Path:
+    """Fail before any work if a cache cannot be written at ``final``; returns the file to write.
+
+    Refused: a folder; a folder that cannot be created or written; a device, FIFO or socket; a
+    symbolic link to nothing; any existing non-empty file that is not positively a dissect-tui
+    cache of a readable version (a user's DuckDB file, one another program holds open, a
+    damaged one); a cache another dissect-tui process is writing. A symbolic link is followed:
+    the returned path is its target. Takes this process's write lock on the cache (released by
+    the CacheWriter's commit or abort, or at the end of the command) and removes temporary files
+    that killed runs left beside it.
+    """
+    final = filesafety.writable_target(Path(final), "--db")
     if final.is_dir():
         raise CacheError(f"{final} is a folder: give --db a file path such as {final / 'model.duckdb'}")
     parent = final.parent
@@ -73,51 +96,138 @@ def check_target(final: Path) -> None:
         raise CacheError(f"cannot create folder {parent} for {final}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CacheError(f"cannot write in folder {parent}: choose another --db")
-    if final.is_file() and final.stat().st_size > 0 and not _is_cache_file(final):
-        raise CacheError(f"{final} exists and is not a dissect-tui cache; refusing to overwrite it")
+    taken_here = not filesafety.holds(final)
+    filesafety.acquire(final)
+    try:
+        filesafety.remove_stale_temporaries(final)
+        refusal = replace_refusal(final)
+        if refusal is not None:
+            raise CacheError(refusal)
+    except BaseException:
+        if taken_here:
+            filesafety.release(final)
+        raise
+    return final
+
+
+def replace_refusal(path: Path) -> str | None:
+    """None when ``path`` may be replaced by a new cache (absent, empty, or a dissect-tui cache of
+    a readable version); otherwise one line saying why not and what to do instead."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path}: {exc.strerror}"
+    if not (st.st_mode & 0o170000 == 0o100000):  # a regular file (writable_target followed links)
+        return (
+            f"{path} is {filesafety.describe_kind(st.st_mode)}; refusing to replace it: choose another --db"
+        )
+    if st.st_size == 0:
+        return None  # nothing in it to lose (e.g. made by mktemp for us)
+    why = _not_a_cache(path)
+    if why is None:
+        return None
+    return f"{why}; refusing to overwrite it: choose another --db, or delete the file yourself"
+
+
+def _not_a_cache(path: Path) -> str | None:
+    """Why the file at ``path`` is not a dissect-tui cache this version may replace, or None."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(12)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if header[8:12] != DUCKDB_MAGIC:
+        return f"{path} exists and is not a dissect-tui cache"
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        return open_failure(path, exc)
+    try:
+        if (short := truncation(con, path)) is not None:
+            return short
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if "meta" not in tables:
+            return f"{path} is a DuckDB database but not a dissect-tui cache"
+        meta = dict(con.execute("SELECT CAST(key AS VARCHAR), CAST(value AS VARCHAR) FROM meta").fetchall())
+    except duckdb.Error as exc:
+        if signals.is_interrupt(exc):
+            raise
+        return f"{path} is a DuckDB database that cannot be read as a dissect-tui cache ({str(exc).splitlines()[0]})"
+    finally:
+        con.close()
+    version = parse_version(meta.get("schema_version"))
+    marked = meta.get(FORMAT_KEY) == FORMAT_VALUE
+    legacy = (
+        version == 1 and str(meta.get("created_by") or "").startswith("dissect-tui ") and "runs" in tables
+    )
+    if not (marked or legacy):
+        return f"{path} is a DuckDB database but not a dissect-tui cache"
+    if version not in READABLE_VERSIONS:
+        return (
+            f"{path} is a dissect-tui cache of schema version {meta.get('schema_version')!r}, which this "
+            f"dissect-tui cannot read (it reads {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    return None
 
 
 def _is_cache_file(path: Path) -> bool:
-    """A DuckDB file with a ``meta`` table (any schema version, finished or not)."""
-    with open(path, "rb") as fh:
-        if fh.read(12)[8:12] != b"DUCK":
-            return False
-    try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.Error:
-        return True  # locked by a writer or of another DuckDB version: assume it is ours
-    try:
-        con.execute("SELECT 1 FROM meta LIMIT 1")
-        return True
-    except duckdb.Error:
-        return False
-    finally:
-        con.close()
+    """A dissect-tui cache of a readable schema version (kept for callers of the old name)."""
+    return _not_a_cache(Path(path)) is None
+
+
+def _writing(fn: Callable[..., T]) -> Callable[..., T]:
+    """A DuckDB or file-system error in a CacheWriter method becomes one CacheError line."""
+
+    @functools.wraps(fn)
+    def wrapper(self: CacheWriter, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except (duckdb.Error, OSError) as exc:
+            if signals.is_interrupt(exc):
+                raise
+            raise CacheError(self.failure(exc)) from None
+
+    return wrapper
 
 
 class CacheWriter:
     """A cache under construction. Use as a context manager; ``commit()`` moves it into place.
 
     ``base``: an existing cache to start from (relabel, evaluate); otherwise a new empty
-    schema is created.
+    schema is created. ``final_path`` is the file that will be replaced: a symbolic link's target.
     """
 
     def __init__(self, final_path: Path, base: Path | None = None) -> None:
-        self.final_path = Path(final_path)
-        self.tmp_path = _tmp_path(self.final_path)
-        check_target(self.final_path)
-        _remove_db_files(self.tmp_path)
+        self.requested_path = Path(final_path)
+        self.final_path = check_target(self.requested_path)  # takes the write lock
         self._committed = False
-        if base is not None:
-            try:
-                shutil.copyfile(base, self.tmp_path)
-            except OSError as exc:
-                raise CacheError(f"cannot copy cache {base}: {exc.strerror}") from None
+        self._closed = False
+        self.con: duckdb.DuckDBPyConnection | None = None  # type: ignore[assignment]
+        lock = filesafety.acquire(self.final_path)
+        if lock.writer_active:
+            raise CacheError(f"{self.final_path} is already being written by this process")
+        lock.writer_active = True
+        self.tmp_path = _tmp_path(self.final_path)
+        self._final_stat = _stat_or_none(self.final_path)
         try:
-            self.con = duckdb.connect(str(self.tmp_path))
-        except duckdb.Error as exc:
             _remove_db_files(self.tmp_path)
-            raise CacheError(f"cannot create {self.tmp_path}: {exc}") from None
+            if base is not None:
+                try:
+                    shutil.copyfile(base, self.tmp_path)
+                except OSError as exc:
+                    raise CacheError(f"cannot copy cache {base} to {self.tmp_path}: {_reason(exc)}") from None
+            self.con = signals.track(duckdb.connect(str(self.tmp_path)))
+            self._start(base)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (duckdb.Error, OSError)) and not signals.is_interrupt(exc):
+                raise CacheError(self.failure(exc)) from None
+            raise
+
+    @_writing
+    def _start(self, base: Path | None) -> None:
         # One transaction for the whole build: DuckDB then writes each big insert once, at
         # commit, instead of committing (and checkpointing) insert by insert - 2x faster
         # for 50k images x 3,904 neurons (bench/bench_cache_write.py).
@@ -136,6 +246,10 @@ class CacheWriter:
             )
         else:
             self._upgrade()
+
+    def failure(self, exc: BaseException) -> str:
+        """One line for an error while building the cache (a full disk is said plainly)."""
+        return f"cannot write the cache {self.final_path}: {_reason(exc)}; the previous file is untouched"
 
     def _upgrade(self) -> None:
         """Bring a copied older cache to SCHEMA_VERSION (1 -> 2: runs.template, the format marker)."""
@@ -159,25 +273,60 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._committed:
             self.abort()
+        if isinstance(exc, duckdb.Error) and not signals.is_interrupt(exc):  # from direct use of .con
+            raise CacheError(self.failure(exc)) from None
 
     def commit(self) -> Path:
         """Commit, checkpoint, close and atomically replace the final path."""
-        self.con.execute("COMMIT")
-        self.con.execute("CHECKPOINT")
-        self.con.close()
-        os.replace(self.tmp_path, self.final_path)
-        _remove_db_files(self.tmp_path)  # a stray .wal, if any
-        self._committed = True
+        try:
+            self.con.execute("COMMIT")
+            self.con.execute("CHECKPOINT")
+            self.con.close()
+            self._closed = True
+            self._check_unchanged()
+            with signals.deferred():  # the swap and its bookkeeping happen together or not at all
+                os.replace(self.tmp_path, self.final_path)
+                self._committed = True
+                _remove_db_files(self.tmp_path)  # a stray .wal, if any
+                self._release()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (duckdb.Error, OSError)) and not signals.is_interrupt(exc):
+                raise CacheError(self.failure(exc)) from None
+            raise
         return self.final_path
 
+    def _check_unchanged(self) -> None:
+        """The file to replace is still the one check_target accepted (or one just as replaceable)."""
+        now = _stat_or_none(self.final_path)
+        if now == self._final_stat:
+            return
+        refusal = replace_refusal(self.final_path)
+        if refusal is not None:
+            raise CacheError(f"{self.final_path} changed while the cache was being built: {refusal}")
+
     def abort(self) -> None:
+        """Close and remove the temporary file (also after DuckDB declared the database invalid)."""
         if self._committed:
             return
-        try:
-            self.con.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection must not mask the cause
-            pass
-        _remove_db_files(self.tmp_path)
+        # New signals wait until the cleanup is done; one already pending may still interrupt a
+        # step once, so each step runs in the finally of the one before.
+        with signals.deferred():
+            try:
+                if self.con is not None and not self._closed:
+                    self._closed = True
+                    try:
+                        self.con.close()
+                    except Exception:  # noqa: BLE001 - closing a broken connection must not mask the cause
+                        pass
+            finally:
+                try:
+                    _remove_db_files(self.tmp_path)
+                finally:
+                    self._release()
+
+    def _release(self) -> None:
+        filesafety.release(self.final_path)
 
     # -- helpers ---------------------------------------------------------------------
     def _insert_arrow(
@@ -196,6 +345,7 @@ class CacheWriter:
         finally:
             self.con.unregister("_incoming")
 
+    @_writing
     def has_table(self, name: str) -> bool:
         row = self.con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND database_name = current_database()",
@@ -204,6 +354,7 @@ class CacheWriter:
         return bool(row and row[0][0])
 
     # -- runs ------------------------------------------------------------------------
+    @_writing
     def add_run(self, **fields: Any) -> int:
         """Insert a runs row; dict/list values of JSON columns are serialised. Returns run_id."""
         row = self.con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchall()
@@ -224,6 +375,7 @@ class CacheWriter:
         self.con.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", list(record.values()))
         return run_id
 
+    @_writing
     def update_run(self, run_id: int, **fields: Any) -> None:
         for key, value in fields.items():
             if key in ("stage_seconds", "settings", "hyperparameters") and not isinstance(value, str):
@@ -232,6 +384,7 @@ class CacheWriter:
             self.con.execute(f"UPDATE runs SET {key} = ? WHERE run_id = ?", [value, run_id])
 
     # -- index-time data -------------------------------------------------------------
+    @_writing
     def write_layers(self, layers: Sequence[dict[str, Any]]) -> None:
         for position, info in enumerate(layers):
             self.con.execute(
@@ -246,6 +399,7 @@ class CacheWriter:
                 ],
             )
 
+    @_writing
     def write_images(
         self,
         paths: Sequence[str],
@@ -267,6 +421,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_thumbnails(self, thumbs: dict[int, bytes]) -> None:
         """image_id -> JPEG bytes; width/height are read from the JPEG header."""
         if not thumbs:
@@ -283,11 +438,13 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def ensure_embedding_tables(self, dim: int) -> None:
         if not self.has_table("image_embeddings"):
             self.con.execute(embedding_tables(dim))
             self.con.execute(VIEWS)
 
+    @_writing
     def write_image_embeddings(self, image_ids: np.ndarray, emb: np.ndarray) -> None:
         self.ensure_embedding_tables(emb.shape[1])
         self._insert_arrow(
@@ -295,6 +452,7 @@ class CacheWriter:
             {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "emb": _fixed_array(emb)},
         )
 
+    @_writing
     def concept_ids(self, texts: Sequence[str]) -> np.ndarray:
         """Ids for texts, adding the ones not yet in ``concepts`` (ids stay stable across runs)."""
         known = dict(self.con.execute("SELECT text, concept_id FROM concepts").fetchall())
@@ -314,6 +472,7 @@ class CacheWriter:
             )
         return ids
 
+    @_writing
     def write_concept_embeddings(self, clip_key: str, concept_ids: np.ndarray, emb: np.ndarray) -> None:
         if len(concept_ids) == 0:
             return
@@ -327,6 +486,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_run_concepts(self, run_id: int, concept_ids: np.ndarray) -> None:
         n = len(concept_ids)
         self._insert_arrow(
@@ -338,6 +498,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
         """One FLOAT[K] list per (layer, image): DuckDB arrays cap at 100k elements, lists don't."""
         self._insert_arrow(
@@ -346,6 +507,7 @@ class CacheWriter:
             constants={"layer": layer},
         )
 
+    @_writing
     def write_top_images(self, layer: str, image_ids: np.ndarray, values: np.ndarray) -> None:
         """image_ids/values: [K, R] per neuron, best first. Ranks are 1-based."""
         k, r = image_ids.shape
@@ -360,6 +522,7 @@ class CacheWriter:
             constants={"layer": layer},
         )
 
+    @_writing
     def write_neurons(
         self,
         run_id: int,
@@ -383,6 +546,7 @@ class CacheWriter:
             constants={"run_id": run_id, "layer": layer},
         )
 
+    @_writing
     def write_neuron_concepts(
         self, run_id: int, layer: str, concept_ids: np.ndarray, scores: np.ndarray
     ) -> None:
@@ -399,6 +563,7 @@ class CacheWriter:
             constants={"run_id": run_id, "layer": layer},
         )
 
+    @_writing
     def write_image_concepts(
         self, run_id: int, image_ids: np.ndarray, concept_ids: np.ndarray, sims: np.ndarray
     ) -> None:
@@ -415,6 +580,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_image_softmax(self, run_id: int, image_ids: np.ndarray, lse: np.ndarray) -> None:
         n = len(image_ids)
         self._insert_arrow(
@@ -426,6 +592,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_linear_weights(
         self, layer: str, input_layer: str | None, weight: np.ndarray, bias: np.ndarray | None
     ) -> None:
@@ -445,6 +612,7 @@ class CacheWriter:
             },
         )
 
+    @_writing
     def write_metrics(
         self, run_id: int, analysis: str, rows: Iterable[tuple[str, float | None, str | None]]
     ) -> None:
@@ -455,6 +623,23 @@ class CacheWriter:
                 "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
                 [run_id, analysis, metric, None if value is None else float(value), details],
             )
+
+
+def _stat_or_none(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _reason(exc: BaseException) -> str:
+    """The useful part of a DuckDB or OS error; a full disk is named as such."""
+    text = str(exc.strerror) if isinstance(exc, OSError) and exc.strerror else str(exc)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "No space left on device" in text or (isinstance(exc, OSError) and exc.errno == 28):
+        return f"the disk is full ({first})"
+    return first
 
 
 def _jpeg_size(data: bytes) -> tuple[int | None, int | None]:
