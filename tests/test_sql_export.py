@@ -206,6 +206,7 @@ def test_sql_model_name_resolves_in_cache_folder(db, tmp_path, capsys, monkeypat
 # -- export: expectations computed from the reader, independently of the export SQL ----------------
 def expected_rows(reader, run_id, cutoff=None, layers=None, keys=None, interpretable_only=False, text=None):
     text = text.strip() if text else None
+    given = [float(cutoff)] if cutoff is not None else []  # an explicit cutoff is written as a column
     cutoff = reader.run(run_id)["cutoff"] if cutoff is None else cutoff
     top: dict[tuple[str, int], list[str]] = {}
     for layer, unit, _rank, concept, _score in reader.neuron_concepts(run_id, limit=5):
@@ -227,6 +228,7 @@ def expected_rows(reader, run_id, cutoff=None, layers=None, keys=None, interpret
             continue
         rows.append(
             [key[0], key[1], str(label), float(sim), bool(sim > cutoff), int(cid), "; ".join(texts), run_id]
+            + given
         )
     return rows
 
@@ -235,6 +237,7 @@ def read_csv(path: Path) -> tuple[list[str], list[list]]:
     with open(path, newline="", encoding="utf-8") as f:
         data = list(csv.reader(f))
     types = [str, int, str, float, lambda s: {"True": True, "False": False}[s], int, str, int]
+    types += [float] * (len(data[0]) - len(types))
     return data[0], [[t(v) for t, v in zip(types, row, strict=True)] for row in data[1:]]
 
 

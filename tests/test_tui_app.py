@@ -25,20 +25,6 @@ from dissect_tui.tui.sql import SqlScreen
 SIZE = (80, 24)
 
 
-def _ordered_export() -> bool:
-    import inspect
-
-    from dissect_tui.store.export import export_neurons
-
-    return "keep_order" in inspect.signature(export_neurons).parameters
-
-
-# The browser exports what it shows through export_neurons(..., cutoff=, keep_order=, extra=), the
-# store helper's extension. Until it is merged the end-to-end export tests cannot run.
-needs_ordered_export = pytest.mark.skipif(
-    not _ordered_export(),
-    reason="store.export.export_neurons has no keep_order/extra yet (store branch): remove once merged",
-)
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin, asyncio backend
 
 
@@ -455,7 +441,6 @@ async def test_sql_screen_runs_queries_read_only(cache):
     assert len(expected_neurons(cache)) == 46
 
 
-@needs_ordered_export
 async def test_export_view_and_pinned(cache, tmp_path):
     pytest.importorskip("dissect_tui.store.export")
     app = make_app(cache)
@@ -624,7 +609,6 @@ async def test_sql_long_query_is_cancellable(cache):
         assert str(scr.query_one("#sql-status").render()).startswith("1 row ")
 
 
-@needs_ordered_export
 async def test_export_checks_folder_and_asks_before_overwriting(cache, tmp_path):
     pytest.importorskip("dissect_tui.store.export")
     from dissect_tui.tui.dialogs import ExportDialog
@@ -895,7 +879,6 @@ async def test_export_passes_the_view_to_the_store(cache, tmp_path, monkeypatch)
     np.testing.assert_allclose(kwargs["extra"]["query: car"], q.extra["car"][rows])
 
 
-@needs_ordered_export
 async def test_export_writes_the_shown_cutoff_order_and_query_scores(cache, tmp_path, monkeypatch):
     out = tmp_path / "ranked.csv"
     app = make_app(cache)
