@@ -192,6 +192,9 @@ def test_parquet_never_overwrites_without_force_and_leaves_nothing_on_error(db, 
     assert code == 0 and out.read_bytes()[:4] == b"PAR1"
     code, _, err = cli(capsys, "sql", db, "SELECT 1", "--parquet", tmp_path / "no" / "r.parquet")
     assert code == 2 and "does not exist" in err
+    before = db.read_bytes()
+    code, _, err = cli(capsys, "sql", db, "SELECT 1", "--parquet", db, "--force")
+    assert code == 2 and "the cache itself" in err and db.read_bytes() == before
     code, _, err = cli(capsys, "sql", db, "SELECT 1; SELECT 2", "--parquet", tmp_path / "two.parquet")
     assert code == 2 and "one result" in err and not (tmp_path / "two.parquet").exists()
 
@@ -323,3 +326,9 @@ def test_ctrl_c_during_a_query_exits_130_without_a_traceback(db, tmp_path, args)
     assert proc.returncode == 130, err
     assert err.decode() == "interrupted\n" and out == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_explain_prints_the_plan_as_a_drawing(db, capsys):
+    code, out, _ = cli(capsys, "sql", db, "EXPLAIN SELECT count(*) FROM neurons")
+    assert code == 0 and "␊" not in out and "explain_value" not in out
+    assert len(out.splitlines()) >= 3 and out.splitlines()[0].startswith("╭")

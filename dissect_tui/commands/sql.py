@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mode and (args.csv or args.json or args.parquet):
         raise UserError("--mode is for the table on the terminal, not --csv/--json/--parquet")
     parquet = _parquet_target(args.parquet, args.force) if args.parquet else None
-    reader = open_cache(resolve_cache(args.db))
+    db = resolve_cache(args.db)
+    if parquet is not None and parquet.exists() and Path(db).exists() and os.path.samefile(parquet, db):
+        raise UserError(f"--parquet {parquet} is the cache itself; name another file")
+    reader = open_cache(db)
     try:
         lock_down(reader.con)  # before any user SQL: read-only in fact, not by a statement filter
         # One cursor for the whole text, so statements see each other's temp tables and variables.
@@ -329,6 +332,12 @@ def print_result(
     if not cols:
         console.print("ok (the statement returned no result)", style="dim", markup=False)
         return 0
+    if cols == ["explain_key", "explain_value"]:
+        # EXPLAIN: the plan is a drawing over several lines; print it as the duckdb shell does.
+        for row in rows:
+            for line in str(row[1]).splitlines():
+                console.print(printable(line), markup=False, highlight=False, crop=False, soft_wrap=True)
+        return 1
     shown: list[tuple] = []
     more = False
     for row in rows:
