@@ -32,20 +32,20 @@ def is_number(v: Any) -> bool:
 
 
 def interval_text(v: timedelta) -> str:
-    """An interval as DuckDB prints one: ``32 days 00:00:03.5``, ``-1 day -01:00:00``."""
+    """An interval as DuckDB prints one: ``32 days 00:00:03.5``, ``1 day``, ``-1 day -01:00:00``."""
     micros = (v.days * 86_400 + v.seconds) * 1_000_000 + v.microseconds
     sign = "-" if micros < 0 else ""
-    micros = abs(micros)
-    days, micros = divmod(micros, 86_400_000_000)
+    days, micros = divmod(abs(micros), 86_400_000_000)
     seconds, micros = divmod(micros, 1_000_000)
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
-    clock = f"{sign}{hours:02d}:{minutes:02d}:{seconds:02d}" + (
-        f".{micros:06d}".rstrip("0") if micros else ""
-    )
-    if not days:
-        return clock
-    return f"{sign}{days} day{'s' if days != 1 else ''} {clock}"
+    parts = [f"{sign}{days} day{'s' if days != 1 else ''}"] if days else []
+    if seconds or minutes or hours or micros or not days:
+        fraction = f".{micros:06d}".rstrip("0") if micros else ""
+        parts.append(
+            f"{sign if micros or seconds or minutes or hours else ''}{hours:02d}:{minutes:02d}:{seconds:02d}{fraction}"
+        )
+    return " ".join(parts)
 
 
 def _scalar_text(v: Any) -> str:

@@ -332,3 +332,21 @@ def test_explain_prints_the_plan_as_a_drawing(db, capsys):
     code, out, _ = cli(capsys, "sql", db, "EXPLAIN SELECT count(*) FROM neurons")
     assert code == 0 and "␊" not in out and "explain_value" not in out
     assert len(out.splitlines()) >= 3 and out.splitlines()[0].startswith("╭")
+
+
+@pytest.mark.parametrize(
+    "interval",
+    ["32 days 3 seconds", "1 day", "0 seconds", "-1 day -1 hour", "3.5 seconds", "-1 second", "-30 days"],
+)
+def test_interval_text_matches_duckdb(interval):
+    """Intervals Python hands back (from non-SELECT statements) read as DuckDB prints them."""
+    from dissect_tui.sql_format import interval_text
+
+    con = duckdb.connect()
+    try:
+        value, text = con.execute(
+            "SELECT ?::INTERVAL, ?::INTERVAL::VARCHAR", [interval, interval]
+        ).fetchall()[0]
+    finally:
+        con.close()
+    assert interval_text(value) == text

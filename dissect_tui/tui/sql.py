@@ -11,6 +11,7 @@ plain text with control characters made visible, never parsed as markup.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,7 @@ EXAMPLE = (
 _DRAFTS: weakref.WeakKeyDictionary[App, str] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
 def _sql_tokens() -> Callable[[str], Any] | None:
     """Pygments' SQL lexer (Pygments comes with rich), or None: highlighting is optional."""
     try:
@@ -73,7 +75,14 @@ class SqlEditor(TextArea):
 
     def _build_highlight_map(self) -> None:
         # TextArea highlights by tree-sitter, which is not installed; fill its map from Pygments
-        # instead: {line: [(start byte, end byte, highlight name)]}.
+        # instead: {line: [(start byte, end byte, highlight name)]}. These are TextArea internals:
+        # should they change, the editor goes on without colours.
+        try:
+            self._pygments_highlights()
+        except (AttributeError, TypeError):
+            super()._build_highlight_map()
+
+    def _pygments_highlights(self) -> None:
         self._line_cache.clear()
         highlights = self._highlights
         highlights.clear()
