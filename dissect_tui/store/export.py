@@ -263,4 +263,3 @@ def sql_error_message(exc: BaseException) -> str:
     if "configuration has been locked" in text:
         return f"SQL error: settings cannot be changed here (SET, PRAGMA, enable_logging …) ({text})"
     return f"SQL error: {text}"
-
