@@ -99,12 +99,13 @@ def test_sql_table_has_headers_right_aligned_numbers_and_row_count(db, capsys):
     assert "4 rows" in out
 
 
-def test_sql_limit_truncates_and_says_so(db, capsys):
+def test_sql_limit_truncates_and_says_so(db, reader, capsys):
     code, out, _ = cli(capsys, "sql", db, "SELECT image_id FROM images ORDER BY image_id", "--limit", "5")
     assert code == 0
     shown = [line.strip() for line in out.splitlines() if line.strip().isdigit()]
     assert shown == ["0", "1", "2", "3", "4"]
-    assert "first 5 rows shown" in out
+    n = reader.query("SELECT count(*) FROM images")[1][0][0]
+    assert f"first 5 of {n} rows shown" in out
     code, out, _ = cli(capsys, "sql", db, "SELECT image_id FROM images WHERE image_id < 3")
     assert "3 rows" in out and "shown" not in out
 

@@ -414,26 +414,26 @@ async def test_sql_screen_runs_queries_read_only(cache):
         await pilot.press("colon")
         assert isinstance(app.screen, SqlScreen)
         box = app.screen.query_one("#sql-input")
-        box.value = "SELECT layer, count(*) AS n FROM neurons WHERE layer = 'layer1' GROUP BY layer"
-        await pilot.press("enter")
+        box.text = "SELECT layer, count(*) AS n FROM neurons WHERE layer = 'layer1' GROUP BY layer"
+        await pilot.press("f5")
         await settle(app, pilot)
         table = app.screen.query_one("#sql-result")
         assert table.row_count == 1
         assert [str(c) for c in table.get_row_at(0)] == ["layer1", "16"]
         app.screen.query_one("#sql-input").focus()
-        box.value = "DELETE FROM neurons"
-        await pilot.press("enter")
+        box.text = "DELETE FROM neurons"
+        await pilot.press("f5")
         await settle(app, pilot)
         status = str(app.screen.query_one("#sql-status").render())
         assert "SQL error" in status and "read-only" in status.lower()
-        # DuckDB's read-only mode still lets COPY write a file: refused before it runs.
-        box.value = f"COPY neurons TO '{cache.parent / 'leak.csv'}'"
-        await pilot.press("enter")
+        # DuckDB's read-only mode still lets COPY write a file: the locked-down connection refuses it.
+        box.text = f"COPY neurons TO '{cache.parent / 'leak.csv'}'"
+        await pilot.press("f5")
         await settle(app, pilot)
-        assert "not allowed" in str(app.screen.query_one("#sql-status").render())
+        assert "only the cache can be read" in str(app.screen.query_one("#sql-status").render())
         assert not (cache.parent / "leak.csv").exists()
-        box.value = "SELEC nonsense"
-        await pilot.press("enter")
+        box.text = "SELEC nonsense"
+        await pilot.press("f5")
         await settle(app, pilot)
         assert "SQL error" in str(app.screen.query_one("#sql-status").render())
         await pilot.press("escape")
@@ -587,11 +587,11 @@ async def test_sql_long_query_is_cancellable(cache):
         await pilot.press("colon")
         scr = app.screen
         box = scr.query_one("#sql-input")
-        box.value = ""
-        await pilot.press("enter")
+        box.text = ""
+        await pilot.press("f5")
         assert "type a query" in str(scr.query_one("#sql-status").render())
-        box.value = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"  # minutes
-        await pilot.press("enter")
+        box.text = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"  # minutes
+        await pilot.press("f5")
         for _ in range(200):
             if scr._query_cursor is not None:
                 break
@@ -602,8 +602,8 @@ async def test_sql_long_query_is_cancellable(cache):
             await app.workers.wait_for_complete()
         await pilot.pause()
         assert app.screen is scr and "cancelled" in str(scr.query_one("#sql-status").render())
-        box.value = "SELECT NULL AS x"
-        await pilot.press("enter")
+        box.text = "SELECT NULL AS x"
+        await pilot.press("f5")
         await settle(app, pilot)
         assert [str(c) for c in scr.query_one("#sql-result").get_row_at(0)] == ["NULL"]
         assert str(scr.query_one("#sql-status").render()).startswith("1 row ")

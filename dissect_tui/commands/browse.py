@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dissect_tui.errors import UserError
+    from dissect_tui.store.lockdown import lock_down
     from dissect_tui.store.reader import find_caches, open_cache, resolve_cache
 
     cache_dir = Path(args.cache_dir)
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         path = Path(_choose(caches))
     reader = open_cache(path)  # CacheError: missing, not DuckDB, wrong schema, empty, locked
     try:
+        # The one connection every cursor of the app shares: its SQL screen reads the cache and
+        # nothing else (no files, network, extensions or settings), whatever the statement.
+        lock_down(reader.con)
         if args.run is not None:
             reader.run(args.run)  # a clear error before the screen opens
         from dissect_tui.tui.images import prepare_graphics

@@ -234,37 +234,43 @@ def correlated_units(
     return [(int(u), float(r[u])) for u in best if np.isfinite(r[u])], tbl.num_rows
 
 
-READING_STATEMENTS = frozenset(
-    {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
-     duckdb.StatementType.CALL}
-)  # fmt: skip
-
-
 def run_user_query(reader: CacheReader, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
-    """A user's read-only query on ``reader``'s own cursor, so ``interrupt(reader)`` can stop it.
+    """A user's SQL on ``reader``'s own cursor, so ``interrupt(reader)`` can stop it.
 
-    Returns (column names, at most ``limit`` rows); errors become one-line CacheErrors.
+    The statements run in order on that cursor (temporary tables and variables carry over); returns
+    the last one's (column names, at most ``limit`` rows), with the values Python would distort
+    fetched as DuckDB's text (store.user_sql); its other rows stay pending on the cursor for
+    ``user_sql.count_result``. Errors become one-line CacheErrors, safe to show.
+
+    What the SQL may do is decided by the connection, not here: it must be locked down
+    (store.lockdown: no files, network, extensions or settings), or nothing runs.
     """
+    from dissect_tui.store.export import sql_error_message
+    from dissect_tui.store.lockdown import is_locked_down
+    from dissect_tui.store.user_sql import exact_text, is_interrupt, statements
+
     con = reader.con
+    if not is_locked_down(con):
+        raise CacheError(
+            "SQL error: this connection is not locked down (store.lockdown.lock_down); not running it"
+        )
     try:
-        # The cache is opened read-only, but DuckDB still lets COPY/EXPORT write files, INSTALL
-        # download and SET change the shared connection: only reading statements run here.
-        for stmt in duckdb.extract_statements(sql):
-            if stmt.type not in READING_STATEMENTS:
-                kind = stmt.type.name.replace("_", " ")
-                raise CacheError(
-                    f"SQL error: {kind} is not allowed, the browser is read-only (SELECT, EXPLAIN, "
-                    "PRAGMA, CALL); to write neurons to a file, press e on the main screen"
-                )
-        con.execute(sql)
+        parsed = statements(reader, sql)
+        if not parsed:
+            return [], []
+        for stmt in parsed[:-1]:
+            con.execute(stmt.query)
+        con.execute(exact_text(reader, parsed[-1].query))
         if con.description is None:
             return [], []
         cols = [d[0] for d in con.description]
         rows = con.fetchmany(limit)
-    except duckdb.InterruptException:
-        raise CacheError("query cancelled") from None
-    except duckdb.Error as exc:
-        raise CacheError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise CacheError("query cancelled") from None
+        if isinstance(exc, duckdb.Error):
+            raise CacheError(sql_error_message(exc)) from None
+        raise
     return cols, rows
 
 

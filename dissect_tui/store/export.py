@@ -261,21 +261,33 @@ def split_statements(reader: CacheReader, query: str) -> list[str]:
         raise CacheError(sql_error_message(exc)) from None
 
 
-def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[list[str], Iterator[tuple]]:
+def stream_query(
+    reader: CacheReader, sql: str, batch: int = 10_000, *, own_cursor: bool = True, exact: bool = True
+) -> tuple[list[str], Iterator[tuple]]:
     """(column names, row iterator) of any query, fetched in batches so --csv streams big results.
 
-    Errors become CacheError("SQL error: …"); writes are refused by the read-only connection.
+    ``own_cursor``: run on a new cursor, closed when the rows are done; False runs on
+    ``reader.con`` itself, so statements of one session see each other's temporary tables and
+    variables. ``exact``: fetch the columns Python would distort as DuckDB's text (user_sql).
+    Errors become CacheError("SQL error: …"); an interrupted query (Ctrl-C) KeyboardInterrupt.
+    The connection should be locked down (store.lockdown): that, not this function, keeps it
+    from writing files or changing settings.
     """
-    cur = track(reader.con.cursor())
+    from dissect_tui.store.user_sql import exact_text, reraise_query_error
+
+    cur = track(reader.con.cursor()) if own_cursor else reader.con
+
+    def done() -> None:
+        if own_cursor:
+            cur.close()
+
     try:
-        cur.execute(sql)
-    except duckdb.Error as exc:
-        cur.close()
-        if is_interrupt(exc):
-            raise
-        raise CacheError(sql_error_message(exc)) from None
+        cur.execute(exact_text(CacheReader(cur, reader.path), sql) if exact else sql)
+    except BaseException as exc:
+        done()
+        reraise_query_error(exc)
     if cur.description is None:
-        cur.close()
+        done()
         return [], iter(())
     cols = [d[0] for d in cur.description]
 
@@ -284,25 +296,33 @@ def stream_query(reader: CacheReader, sql: str, batch: int = 10_000) -> tuple[li
             while True:
                 try:
                     chunk = cur.fetchmany(batch)
-                except duckdb.Error as exc:
-                    if is_interrupt(exc):
-                        raise
-                    raise CacheError(sql_error_message(exc)) from None
+                except BaseException as exc:
+                    reraise_query_error(exc)
                 if not chunk:
                     return
                 yield from chunk
         finally:
-            cur.close()
+            done()
 
     return cols, rows()
 
 
 def sql_error_message(exc: BaseException) -> str:
-    """One line for a failed query; a write on the read-only cache says so plainly."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """One line for a failed query, safe for a terminal; refusals of the read-only cache and of the
+    locked-down connection say so plainly."""
+    from dissect_tui.text import printable
+
+    text = printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if "read-only" in text or "read only" in text:
         return (
             "SQL error: the cache is opened read-only, so statements that change it "
             f"(INSERT, UPDATE, DELETE, CREATE, DROP …) are refused ({text})"
         )
+    if "disabled by configuration" in text or "disabled through configuration" in text:
+        return (
+            "SQL error: only the cache can be read here: no other files, no network, no extensions "
+            f"(COPY … TO, ATTACH, read_csv, INSTALL … are refused) ({text})"
+        )
+    if "configuration has been locked" in text:
+        return f"SQL error: settings cannot be changed here (SET, PRAGMA, enable_logging …) ({text})"
     return f"SQL error: {text}"
