@@ -198,7 +198,7 @@ def test_browse_command_locks_the_connection_before_the_app_runs(caches, home, m
     seen = {}
 
     def fake_run(self):  # the app is not started: only the connection it was given matters
-        seen["locked"] = is_locked_down(self.reader.con)
+        seen["locked"] = is_locked_down(self.session.reader.con)
 
     monkeypatch.setattr(app_module.BrowserApp, "run", fake_run)
     assert main(["browse", str(caches["db"]), "--graphics", "none"]) == 0

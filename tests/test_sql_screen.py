@@ -212,9 +212,9 @@ async def test_escape_cancels_a_long_query_then_leaves(cache):
 async def test_the_screen_locks_the_connection_and_refusals_read_plainly(cache, tmp_path):
     app = BrowserApp(open_cache(cache))  # built without `dissect-tui browse`, so not locked yet
     async with app.run_test(size=(80, 24)) as pilot:
-        assert not is_locked_down(app.reader.con)
+        assert not is_locked_down(app.session.reader.con)
         screen = await open_sql(app, pilot)
-        assert is_locked_down(app.reader.con)
+        assert is_locked_down(app.session.reader.con)
         await run(app, pilot, f"COPY neurons TO '{tmp_path / 'leak.csv'}'")
         assert "only the cache can be read here" in status(screen)
         await run(app, pilot, "INSTALL httpfs")

@@ -13,9 +13,8 @@ import dissect_tui
 
 TUI = Path(dissect_tui.__file__).parent / "tui"
 MODULES = sorted(p.stem for p in TUI.glob("*.py") if p.stem != "__init__")
-# sql.py belongs to the SQL helper's task: it still reaches the cache through app.cursor(),
-# which BrowserApp keeps as a typed method for it.
-NOT_OURS = {"sql"}
+# Every screen module is held to the same rules (sql.py included since both branches merged).
+NOT_OURS: set[str] = set()
 
 
 def _imports(name: str) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 GRAPHICS = ("auto", "halfcell", "sixel", "kitty", "none")
@@ -22,24 +23,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how to draw thumbnails: half-cell blocks work over any SSH (default); auto detects "
                    "Sixel/Kitty; none shows placeholders")  # fmt: skip
     p.add_argument("--cache-dir", default="cache", help="where model names are looked up (default: cache/)")
+    p.add_argument(
+        "--clip",
+        metavar="NAME:PATH",
+        help="where this run's CLIP weights are on this machine, if they moved since indexing (concept "
+        "queries, two-concept explanations); must be the same weights",
+    )
     p.set_defaults(func=run)
 
 
-def _choose(caches: list) -> str:
-    """Ask on the terminal which cache to open (before the app starts)."""
+def _choose(caches: list, folder) -> str | None:
+    """Which cache to open: a list to choose from on a terminal (None: the user left)."""
     from dissect_tui.errors import UserError
 
     if len(caches) == 1:
         return str(caches[0])
-    print("caches:", file=sys.stderr)
-    for i, path in enumerate(caches, 1):
-        print(f"  {i}. {path}", file=sys.stderr)
-    if not sys.stdin.isatty():
-        raise UserError("several caches found: name one, e.g. `dissect-tui browse " + str(caches[0]) + "`")
-    answer = input(f"open which? [1-{len(caches)}] ").strip() or "1"
-    if not answer.isdigit() or not 1 <= int(answer) <= len(caches):
-        raise UserError(f"no cache number {answer!r}")
-    return str(caches[int(answer) - 1])
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError(f"several caches in {folder}/: name one, e.g. `dissect-tui browse {caches[0]}`")
+    from dissect_tui.tui.picker import CachePicker
+
+    chosen = CachePicker(list(caches), folder).run()
+    return None if chosen is None else str(chosen)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"no caches in {cache_dir}/: build one with `dissect-tui index MODEL`, or name a file"
             )
-        path = Path(_choose(caches))
+        chosen = _choose(caches, cache_dir)
+        if chosen is None:
+            return 0
+        path = Path(chosen)
     reader = open_cache(path)  # CacheError: missing, not DuckDB, wrong schema, empty, locked
     try:
         # The one connection every cursor of the app shares: its SQL screen reads the cache and
@@ -70,10 +77,18 @@ def run(args: argparse.Namespace) -> int:
         image_cls = prepare_graphics(args.graphics)  # terminal probing must precede the app
         from dissect_tui.tui.app import BrowserApp
 
-        app = BrowserApp(reader, run_id=args.run, graphics=args.graphics, image_cls=image_cls)
+        app = BrowserApp(reader, run_id=args.run, graphics=args.graphics, image_cls=image_cls, clip=args.clip)
         app.run()
     finally:
         reader.close()
-    if app.return_code not in (None, 0):
-        return int(app.return_code)
-    return 0
+    code = int(app.return_code or 0)
+    if app.session.clip_loaded:
+        # Python's teardown of torch and open_clip after a concept query takes ~3 s; the app has
+        # ended, the cache is closed and the sidecar commits each change, so nothing is left to do.
+        from dissect_tui import filesafety
+
+        filesafety.release_all()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

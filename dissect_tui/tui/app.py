@@ -81,10 +81,6 @@ class BrowserApp(ReportsWorkerErrors, App):
     def on_mount(self) -> None:
         self.push_screen(MainScreen(self.session))
 
-    def cursor(self) -> CacheReader:
-        """A reader on its own DuckDB cursor (the SQL screen's way to the cache)."""
-        return self.session.cursor()
-
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The command palette (Ctrl+P): every action the current screen offers, by name and key."""
         seen: set[str] = set()
@@ -106,7 +102,7 @@ class BrowserApp(ReportsWorkerErrors, App):
 
     def action_sql(self) -> None:
         if not isinstance(self.screen, SqlScreen):
-            self.push_screen(SqlScreen())
+            self.push_screen(SqlScreen(self.session))
 
 
 def help_sections() -> list[HelpSection]:

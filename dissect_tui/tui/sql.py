@@ -21,7 +21,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.message import Message
 from textual.widgets import DataTable, Footer, Static, TextArea
 
 from dissect_tui.errors import UserError
@@ -29,6 +29,8 @@ from dissect_tui.sql_format import cell, is_number
 from dissect_tui.store.browse import interrupt, run_user_query
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.text import printable
+from dissect_tui.tui.base import HELP, QUIT, BrowseScreen
+from dissect_tui.tui.session import BrowseSession
 
 MAX_ROWS = 1000
 CELL_CHARS = 80  # longer cells are cut with …
@@ -101,8 +103,27 @@ class SqlEditor(TextArea):
                 col += width
 
 
-class SqlScreen(Screen):
+class SqlScreen(BrowseScreen):
+    """The browser's SQL screen. Its worker posts messages; it never calls back into the screen."""
+
+    class Result(Message):
+        def __init__(self, token: int, cols: list[str], rows: list[tuple]) -> None:
+            super().__init__()
+            self.token, self.cols, self.rows = token, cols, rows
+
+    class Failed(Message):
+        def __init__(self, token: int, message: str) -> None:
+            super().__init__()
+            self.token, self.message = token, message
+
+    class Counted(Message):
+        def __init__(self, token: int, total: int | None) -> None:
+            super().__init__()
+            self.token, self.total = token, total
+
     BINDINGS = [
+        QUIT,
+        HELP,
         Binding("f5,ctrl+j,ctrl+enter", "run", "Run", key_display="F5/^J", priority=True),
         Binding("escape", "back", "Back/cancel", key_display="Esc"),
         Binding("ctrl+l", "focus_query", "Edit query"),
@@ -112,8 +133,9 @@ class SqlScreen(Screen):
     SqlScreen #sql-input:focus { border: round $accent; }
     """
 
-    def __init__(self) -> None:
+    def __init__(self, session: BrowseSession) -> None:
         super().__init__()
+        self.session = session
         self._query_cursor: CacheReader | None = None  # the cursor of the query in flight
         self._token = 0  # numbers the queries: a late result of a replaced one is dropped
         self._started = 0.0  # clock at submit
@@ -137,7 +159,7 @@ class SqlScreen(Screen):
         # `dissect-tui browse` locks the connection at start; an app built otherwise is locked here,
         # before any user SQL can run (run_user_query refuses an unlocked connection).
         try:
-            lock_down(self.app.reader.con)
+            lock_down(self.session.reader.con)
         except UserError as exc:
             self._status(Text(printable(exc), style="red"))
         editor = self.query_one("#sql-input", SqlEditor)
@@ -182,7 +204,7 @@ class SqlScreen(Screen):
         self._token += 1
         self._reset()
         self._started = self.clock()
-        cursor = self.app.cursor()
+        cursor = self.session.cursor()
         self._query_cursor = cursor  # set before the worker starts, so Esc can always cancel it
         self._stop_ticker()
         self._ticker = self.set_interval(0.1, self._tick)
@@ -190,7 +212,7 @@ class SqlScreen(Screen):
         self.run_sql(sql, cursor, self._token)
 
     # -- the query ---------------------------------------------------------------------------
-    @work(thread=True, group="sql")
+    @work(thread=True, group="sql", exit_on_error=False)
     def run_sql(self, sql: str, cur: CacheReader, token: int) -> None:
         from dissect_tui.store.user_sql import count_result
 
@@ -198,16 +220,16 @@ class SqlScreen(Screen):
             try:
                 cols, rows = run_user_query(cur, sql, limit=MAX_ROWS + 1)
             except UserError as exc:
-                self.app.call_from_thread(self._show_error, token, str(exc))
+                self.post_message(self.Failed(token, str(exc)))
                 return
-            self.app.call_from_thread(self._show, token, cols, rows)
+            self.post_message(self.Result(token, cols, rows))
             if len(rows) <= MAX_ROWS:
                 return
             try:
                 total: int | None = count_result(cur, sql, len(rows))
             except (UserError, KeyboardInterrupt):
                 total = None  # cancelled or failed: the rows shown stand
-            self.app.call_from_thread(self._show_total, token, total)
+            self.post_message(self.Counted(token, total))
         finally:
             if self._query_cursor is cur:
                 self._query_cursor = None
@@ -261,7 +283,8 @@ class SqlScreen(Screen):
             self._stop_ticker()
         self._status(text)
 
-    def _show_error(self, token: int, message: str) -> None:
+    def on_sql_screen_failed(self, event: Failed) -> None:
+        token, message = event.token, event.message
         if token != self._token:
             return
         self._error = message
@@ -269,7 +292,8 @@ class SqlScreen(Screen):
         self.query_one("#sql-result", DataTable).clear(columns=True)
         self._update_status()
 
-    def _show(self, token: int, cols: list[str], rows: list[tuple]) -> None:
+    def on_sql_screen_result(self, event: Result) -> None:
+        token, cols, rows = event.token, event.cols, event.rows
         if token != self._token:
             return
         table = self.query_one("#sql-result", DataTable)
@@ -296,7 +320,8 @@ class SqlScreen(Screen):
             self._elapsed = self.clock() - self._started
             self._update_status()
 
-    def _show_total(self, token: int, total: int | None) -> None:
+    def on_sql_screen_counted(self, event: Counted) -> None:
+        token, total = event.token, event.total
         if token == self._token:
             self._total, self._counted = total, True
             if self._elapsed is not None:
