@@ -198,3 +198,59 @@ def extract_tar(tar: tarfile.TarFile, dest: Path) -> None:
             raise tarfile.TarError(f"refusing archive member {member.name!r}")
         members.append(member)
     tar.extractall(dest, members=members)  # noqa: S202 - members checked above
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_problem(exc: BaseException) -> str:
+    """Why ``torch.load`` / safetensors refused a file, in a few words.
+
+    torch's own messages run to paragraphs and advise re-running with ``weights_only=False``,
+    i.e. executing whatever the file holds: that advice is never passed on.
+    """
+    import pickle
+    import re
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it holds pickled Python objects ({found.group(1)}), not only tensors"
+        return "it is damaged or not a PyTorch checkpoint (unreadable pickle data)"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "it is damaged: its zip container is incomplete or corrupt"
+    if isinstance(exc, EOFError):
+        return "it is damaged: the data ends too early"
+    if type(exc).__name__ == "SafetensorError":
+        detail = text.split(":")[-1].strip()[:80]
+        return f"it is damaged or not a safetensors file ({detail})"
+    return f"it is damaged or not a checkpoint ({type(exc).__name__})"
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6, TorchScript archives
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # pickled magic number of the legacy format
+
+
+def checkpoint_format_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a torch / safetensors checkpoint, from its first bytes, or None.
+
+    Checked before ``torch.load`` sees the file, so foreign data (a text file, some other pickle)
+    never reaches an unpickler and torch's warnings about it never reach the terminal.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "it is empty"
+    if str(path).endswith(".safetensors"):
+        header = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        if not (0 < header <= size - 8 and head[8:9] == b"{"):
+            return "it is damaged or not a safetensors file (bad header)"
+        return None
+    if head.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)) or head[257:262] == b"ustar":
+        return None
+    return "it is not a PyTorch checkpoint (neither a torch.save archive nor its legacy format)"
