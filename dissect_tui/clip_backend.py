@@ -823,6 +823,11 @@ def _load_clip(spec: str, device: str, precision: str) -> ClipModel:
 
     model = model.to(dev).eval()
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    from dissect_tui.fast_decode import open_clip_tensor_ops, with_tensor_ops
+
+    tensor_ops = open_clip_tensor_ops(dict(model.visual.preprocess_cfg))
+    if tensor_ops is not None:  # the device decode path builds its ops from this configuration
+        preprocess = with_tensor_ops(preprocess, **tensor_ops)
     model_cfg = open_clip.get_model_config(reg_name)
     tower = _truncating_tower(model)
     return ClipModel(

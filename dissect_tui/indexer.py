@@ -459,8 +459,16 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
                 probe, transforms, batch_size=batch_size, workers=workers, thumbnail_px=s.thumbnail_px
             )
         else:  # JPEGs decoded and preprocessed on the device; workers only read files
+            # --decode auto: if the device path fails, the rest of the run decodes with PIL
             batches = iter_device_batches(
-                probe, transforms, decode_plan, batch_size, workers, s.thumbnail_px, decode_stats
+                probe,
+                transforms,
+                decode_plan,
+                batch_size,
+                workers,
+                s.thumbnail_px,
+                decode_stats,
+                note=lambda msg: (progress.note(msg), notes.append(msg)),
             )
         for batch in batches:
             ids = batch.indices

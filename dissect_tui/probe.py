@@ -43,7 +43,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -629,7 +629,7 @@ class ProbeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.probe)
 
-    def __getitem__(self, index: int) -> tuple[int, bool, list[torch.Tensor], bytes | None, Any, str | None]:
+    def __getitem__(self, index: int) -> ProbeRow:
         size = None
         try:
             img, size = self.probe.open_with_size(index)
@@ -638,21 +638,32 @@ class ProbeDataset(torch.utils.data.Dataset):
                 if tuple(tensor.shape) != shape:
                     raise BadImage(f"transform gave {tuple(tensor.shape)}, expected {shape}")
             thumb = make_thumbnail(img, self.thumb_px) if self.thumb_px else None
-            return index, True, tensors, thumb, size, None
+            return ProbeRow(index, True, tensors, thumb, size, None)
         except Exception as exc:
             reason = exc.reason if isinstance(exc, BadImage) else f"{_brief(exc)}"
             zeros = [torch.zeros(shape) for shape in self.shapes]
-            return index, False, zeros, None, size, reason
+            return ProbeRow(index, False, zeros, None, size, reason)
 
 
-def _collate(rows: list[tuple]) -> Batch:
+class ProbeRow(NamedTuple):
+    """One decoded image as ``ProbeDataset`` gives it (failed images: zero tensors and a reason)."""
+
+    index: int
+    ok: bool
+    tensors: list[torch.Tensor]  # one per transform
+    thumbnail: bytes | None
+    size: tuple[int, int] | None  # original (width, height)
+    error: str | None
+
+
+def _collate(rows: list[ProbeRow]) -> Batch:
     return Batch(
-        indices=torch.tensor([r[0] for r in rows], dtype=torch.long),
-        ok=torch.tensor([r[1] for r in rows], dtype=torch.bool),
-        inputs=[torch.stack([r[2][t] for r in rows]) for t in range(len(rows[0][2]))],
-        thumbnails=[r[3] for r in rows],
-        sizes=[tuple(r[4]) if r[4] is not None else None for r in rows],
-        errors=[r[5] for r in rows],
+        indices=torch.tensor([r.index for r in rows], dtype=torch.long),
+        ok=torch.tensor([r.ok for r in rows], dtype=torch.bool),
+        inputs=[torch.stack([r.tensors[t] for r in rows]) for t in range(len(rows[0].tensors))],
+        thumbnails=[r.thumbnail for r in rows],
+        sizes=[tuple(r.size) if r.size is not None else None for r in rows],
+        errors=[r.error for r in rows],
     )
 
 
@@ -662,14 +673,18 @@ def iter_batches(
     batch_size: int,
     workers: int,
     thumbnail_px: int = 96,
+    start: int = 0,
 ) -> Iterator[Batch]:
-    """Batches in probe order; workers=0 decodes in-process. Failed images give ok=False rows."""
+    """Batches in probe order from image ``start`` on; workers=0 decodes in-process. Failed
+    images give ok=False rows."""
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
     if workers < 0:
         raise UserError("workers must be 0 or more")
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
-    dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    dataset: torch.utils.data.Dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    if start:
+        dataset = torch.utils.data.Subset(dataset, range(start, len(probe)))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

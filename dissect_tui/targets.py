@@ -86,14 +86,20 @@ class Target:
 
 
 def imagenet_preprocess() -> Callable[[Image.Image], torch.Tensor]:
-    """Standard ImageNet evaluation preprocessing (picklable, for DataLoader workers)."""
-    return T.Compose(
+    """Standard ImageNet evaluation preprocessing (picklable, for DataLoader workers); carries its
+    parameters for the device decode path (``fast_decode.with_tensor_ops``)."""
+    from dissect_tui.fast_decode import with_tensor_ops
+
+    transform = T.Compose(
         [
             T.Resize(256, interpolation=T.InterpolationMode.BILINEAR),
             T.CenterCrop(224),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
+    )
+    return with_tensor_ops(
+        transform, resize=256, interpolation="bilinear", crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
 
 
