@@ -234,7 +234,7 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
         )
     elif type(model) is CustomTextCLIP and type(getattr(model, "text", None)) is TextTransformer:
         text = model.text
-        if text.cls_emb is not None or text.use_pad_mask:
+        if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
             return None
         parts = dict(
             token_embedding=text.token_embedding,
