@@ -254,7 +254,7 @@ def kernel_note() -> str | None:
     if _library() is not None:
         return None
     reason = _state.get("reason") or "unavailable"
-    return f"scoring: compiled CPU kernel not used ({reason}); eager torch is about 3x slower"
+    return f"scoring: compiled CPU kernel not used ({reason}); scoring with eager torch (slower)"
 
 
 def _library():

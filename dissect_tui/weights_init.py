@@ -37,7 +37,9 @@ _FILLS = (
 )
 _lock = threading.Lock()
 _active: dict[int, int] = {}  # thread id -> nesting depth of skipped_weight_init
-_saved: dict[str, Callable[..., torch.Tensor]] = {}  # name -> the original fill while the stand-ins are installed
+_saved: dict[
+    str, Callable[..., torch.Tensor]
+] = {}  # name -> the original fill while the stand-ins are installed
 
 
 def _stand_in(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
