@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +47,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dissect_tui import compat
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.userfiles import NotRegularFile, non_regular_kind, read_regular
 from dissect_tui.weights_init import skipped_weight_init
 
 DEFAULT_CLIP = "ViT-B-16:openai"
@@ -180,15 +184,16 @@ class _TruncatingTextTower:
         return self.pool_index(tokens) + 1
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        from open_clip.transformer import text_global_pool
-
+        pool = compat.text_pool()
+        if pool is None:  # checked by _truncating_tower
+            raise RuntimeError("open_clip's text pooling is not available")
         length = tokens.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype)
         x = x + self.positional_embedding[:length].to(cast_dtype)
         x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
         x = self.ln_final(x)
-        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        x = pool(x, tokens, self.pool_type, self.eos_id)
         if self.text_projection is not None:
             if isinstance(self.text_projection, torch.nn.Linear):
                 x = self.text_projection(x)
@@ -229,7 +234,7 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
         )
     elif type(model) is CustomTextCLIP and type(getattr(model, "text", None)) is TextTransformer:
         text = model.text
-        if text.cls_emb is not None or text.use_pad_mask:
+        if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
             return None
         parts = dict(
             token_embedding=text.token_embedding,
@@ -243,7 +248,7 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
         )
     else:
         return None
-    if parts["pool_type"] not in ("argmax", "eos"):
+    if parts["pool_type"] not in ("argmax", "eos") or parts["pool_type"] not in compat.text_pool_types():
         return None
     if parts["pool_type"] == "eos" and parts["eos_id"] is None:
         return None
@@ -251,7 +256,34 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
         return None
     if parts["positional_embedding"].ndim != 2 or not _is_causal_mask(parts["attn_mask"]):
         return None
-    return _TruncatingTextTower(**parts)
+    tower = _TruncatingTextTower(**parts)
+    return tower if _tower_matches(model, tower) else None
+
+
+def _tower_matches(model: torch.nn.Module, tower: _TruncatingTextTower) -> bool:
+    """The mirror of open_clip's encode_text gives its numbers on two short texts (guards against
+    an open_clip release that changes the text tower's internals); else the public path runs."""
+    context = int(tower.positional_embedding.shape[0])
+    vocab = int(tower.token_embedding.num_embeddings)
+    end = vocab - 1 if tower.pool_type == "argmax" else int(tower.eos_id or 0)
+    if context < 6 or vocab < 4:
+        return False
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(2, context, dtype=torch.long)
+    for row, length in enumerate((3, 6)):
+        body = torch.randint(1, vocab - 1, (length - 1,), generator=g)
+        body[body == end] = 1  # the pooled token must be the last real one
+        tokens[row, : length - 1] = body
+        tokens[row, length - 1] = end
+    tokens = tokens.to(tower.positional_embedding.device)
+    try:
+        with torch.inference_mode():
+            full = model.encode_text(tokens).float()
+            short = [tower.encode(t[None, : int(tower.real_lengths(t[None]))]).float() for t in tokens]
+    except Exception:  # noqa: BLE001 - internals differ from what the mirror expects
+        return False
+    short_t = torch.cat(short)
+    return full.shape == short_t.shape and bool(torch.allclose(full, short_t, rtol=1e-4, atol=1e-5))
 
 
 # --------------------------------------------------------------------------- spec parsing
@@ -306,6 +338,11 @@ def _default_tag(name: str, tags: list[str]) -> str:
 def parse_clip_spec(spec: str) -> tuple[str, str]:
     """``NAME[:PRETRAINED]`` -> (name, pretrained), validated; pretrained resolved to a tag,
     an existing checkpoint path, or ``none``. Raises UserError with the valid choices."""
+    with _quiet_open_clip():
+        return _parse_clip_spec(spec)
+
+
+def _parse_clip_spec(spec: str) -> tuple[str, str]:
     spec = (spec or "").strip()
     if not spec:
         raise UserError(f"empty --clip value: use NAME[:PRETRAINED], e.g. {DEFAULT_CLIP}")
@@ -320,6 +357,8 @@ def parse_clip_spec(spec: str) -> tuple[str, str]:
         is_config = False
     elif _is_config_path(name) or Path(name).expanduser().is_file():
         path = Path(name).expanduser()
+        if (kind := non_regular_kind(path)) is not None:
+            raise UserError(f"CLIP model-config {name} is {kind}, not a regular file")
         if not path.is_file():
             raise UserError(f"CLIP model-config file not found: {name}")
         is_config = True
@@ -340,6 +379,10 @@ def parse_clip_spec(spec: str) -> tuple[str, str]:
         return name, _clean_tag(pretrained)
     if _looks_like_path(pretrained):
         path = Path(pretrained).expanduser()
+        if (kind := non_regular_kind(path)) is not None:
+            raise UserError(
+                f"CLIP checkpoint {pretrained} is {kind}, not a regular file (from --clip {spec})"
+            )
         if not path.is_file():
             raise UserError(
                 f"CLIP checkpoint file not found: {pretrained} (from --clip {spec}); "
@@ -401,11 +444,10 @@ def _hf_files(cfg: dict) -> tuple[str, list[str]] | None:
     if not cfg.get("hf_hub"):
         return None
     from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import _get_safe_alternatives
 
     repo_id, filename = os.path.split(cfg["hf_hub"])
     filename = filename or HF_WEIGHTS_NAME
-    return repo_id, [*_get_safe_alternatives(filename), filename]
+    return repo_id, [*compat.safe_alternatives(filename), filename]
 
 
 def _cached_checkpoint(cfg: dict) -> str | None:
@@ -505,21 +547,73 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+class _QuietLogging:
+    """Stands in for the ``logging`` module inside open_clip's modules during a load.
+
+    open_clip logs through the module functions (``logging.warning(...)``, on the root logger),
+    e.g. "No pretrained weights loaded ... initialized randomly" when we load the weights
+    ourselves. ``logging.disable`` silenced that for every thread of the process, and the first
+    such call still ran ``basicConfig()``, leaving a root handler behind. This proxy drops the
+    module-function calls made from threads inside ``_quiet_open_clip`` and passes everything
+    else (other threads, other attributes) to the real module.
+    """
+
+    _CALLS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "fatal", "log"})
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._CALLS and threading.get_ident() in _quiet_threads:
+            return _drop
+        return getattr(self._real, name)
+
+
+def _drop(*args: object, **kwargs: object) -> None:
+    return None
+
+
+_quiet_lock = threading.Lock()
+_quiet_threads: dict[int, int] = {}  # thread id -> nesting depth
+_patched: dict[str, _QuietLogging] = {}  # open_clip module name -> the proxy put there
+
+
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    # open_clip logs "initialized randomly" warnings on the root logger; we load weights ourselves.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """Within: open_clip's own log calls from THIS thread are dropped; nothing else changes."""
+    me = threading.get_ident()
+    _open_clip()  # imported first, so that its modules are there to be patched
+    with _quiet_lock:
+        if not _quiet_threads:
+            for name, module in list(sys.modules.items()):
+                if (name == "open_clip" or name.startswith("open_clip.")) and getattr(
+                    module, "logging", None
+                ) is logging:
+                    proxy = _QuietLogging(logging)
+                    module.logging = proxy  # type: ignore[attr-defined]
+                    _patched[name] = proxy
+        _quiet_threads[me] = _quiet_threads.get(me, 0) + 1
     try:
         yield
     finally:
-        logging.disable(previous)
+        with _quiet_lock:
+            _quiet_threads[me] -= 1
+            if not _quiet_threads[me]:
+                del _quiet_threads[me]
+            if not _quiet_threads:
+                for name, proxy in _patched.items():
+                    module = sys.modules.get(name)
+                    if module is not None and getattr(module, "logging", None) is proxy:
+                        module.logging = logging  # type: ignore[attr-defined]
+                _patched.clear()
 
 
 def _read_config(path: Path) -> tuple[dict, dict]:
     """(model_cfg, preprocess_cfg) from a flat open_clip config or the hub's open_clip_config.json."""
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = json.loads(read_regular(path, 16 << 20).decode("utf-8"))
+    except NotRegularFile as exc:
+        raise UserError(f"CLIP model-config {path} is {exc.kind}, not a regular file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read CLIP model-config {path}: {exc}") from None
     if not isinstance(data, dict):
@@ -578,6 +672,9 @@ def _shared_tag_preprocess(name: str) -> dict:
 def _load_weights(model: torch.nn.Module, path: str, label: str) -> None:
     """Load a full CLIP checkpoint strictly; mismatches become one readable UserError."""
     open_clip = _open_clip()
+    problem = compat.checkpoint_format_problem(path)
+    if problem is not None:
+        raise UserError(f"cannot read CLIP checkpoint {path}: {problem}")
     try:
         result = open_clip.load_checkpoint(model, path, strict=False)
     except RuntimeError as exc:
@@ -589,9 +686,13 @@ def _load_weights(model: torch.nn.Module, path: str, label: str) -> None:
                 + "; ".join(m[:160] for m in mismatches[:3])
                 + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
             ) from None
-        raise UserError(f"cannot load CLIP checkpoint {path}: {text.splitlines()[0][:300]}") from None
+        if "loading state_dict" in text:
+            raise UserError(
+                f"CLIP checkpoint {path} does not fit {label}: {text.splitlines()[0][:300]}"
+            ) from None
+        raise UserError(f"cannot read CLIP checkpoint {path}: {compat.checkpoint_problem(exc)}") from None
     except Exception as exc:  # torch.load / safetensors errors on corrupt or foreign files
-        raise UserError(f"cannot read CLIP checkpoint {path}: {type(exc).__name__}: {exc}"[:400]) from None
+        raise UserError(f"cannot read CLIP checkpoint {path}: {compat.checkpoint_problem(exc)}") from None
     missing = list(getattr(result, "missing_keys", []) or [])
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if missing or unexpected:
@@ -647,7 +748,15 @@ def _network_guard(what: str, hint: str):
 
 
 def load_clip(spec: str = DEFAULT_CLIP, device: str = "cpu", precision: str = "fp32") -> ClipModel:
-    """Load ``--clip NAME[:PRETRAINED]`` in eval mode on ``device``; weights stay fp32."""
+    """Load ``--clip NAME[:PRETRAINED]`` in eval mode on ``device``; weights stay fp32.
+
+    open_clip's own log lines (from this thread) are dropped: we load weights ourselves, so its
+    "initialized randomly" warnings are wrong here; nothing else about logging changes."""
+    with _quiet_open_clip():
+        return _load_clip(spec, device, precision)
+
+
+def _load_clip(spec: str, device: str, precision: str) -> ClipModel:
     name, pretrained = parse_clip_spec(spec)
     dev = _resolve_device(device)
     notes: list[str] = []
@@ -691,7 +800,7 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str = "cpu", precision: str = "f
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
     hub_hint = f"use a model whose text tower is built in, or a local cache of {name}"
-    with _network_guard(f"building CLIP {label}", hub_hint), _quiet_open_clip():
+    with _network_guard(f"building CLIP {label}", hub_hint):
         # Seeded so that `none` gives the same random model (and embeddings) on every run; a
         # checkpoint (loaded strictly below) overwrites every weight, so none are drawn for it.
         fills = skipped_weight_init() if checkpoint is not None else contextlib.nullcontext()
@@ -714,6 +823,11 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str = "cpu", precision: str = "f
 
     model = model.to(dev).eval()
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    from dissect_tui.fast_decode import open_clip_tensor_ops, with_tensor_ops
+
+    tensor_ops = open_clip_tensor_ops(dict(model.visual.preprocess_cfg))
+    if tensor_ops is not None:  # the device decode path builds its ops from this configuration
+        preprocess = with_tensor_ops(preprocess, **tensor_ops)
     model_cfg = open_clip.get_model_config(reg_name)
     tower = _truncating_tower(model)
     return ClipModel(

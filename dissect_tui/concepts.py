@@ -3,6 +3,10 @@
 Shipped names map to files in ``dissect_tui/data/concepts`` (see PROVENANCE.txt there).
 Cleaning strips whitespace, drops empty lines and duplicates (first occurrence wins) and
 reports how many were dropped, so a user can tell what was scored.
+
+User files (``read_text_lines``) are UTF-8, or UTF-16/32 with or without a byte-order mark;
+a line with a NUL or another control character is refused with its line number, and a FIFO
+or device is refused by name (it would block or never end).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from importlib import resources
 from pathlib import Path
 
 from dissect_tui.errors import UserError
+from dissect_tui.text import has_control, printable
+from dissect_tui.userfiles import FileTooLarge, NotRegularFile, non_regular_kind, read_regular
+
+MAX_TEXT_BYTES = 256 << 20  # a concept or class-name file (20k concepts are 0.2 MB)
 
 # name -> (file, how a line becomes a concept text)
 SHIPPED: dict[str, str] = {
@@ -88,12 +96,14 @@ def load_concepts(spec: str) -> ConceptSet:
     if spec in SHIPPED:
         return clean(_shipped_text(SHIPPED[spec]).splitlines(), spec)
     path = Path(spec).expanduser()
+    if (kind := non_regular_kind(path)) is not None:
+        raise UserError(f"concept file {path} is {kind}, not a regular text file")
     if not path.is_file():
         raise UserError(
             f"unknown concept set {spec!r}: use one of {', '.join(SHIPPED)} or the path of a "
             "UTF-8 text file with one concept per line"
         )
-    concepts = clean(read_text_file(path, "concept file").splitlines(), path.stem)
+    concepts = clean(read_text_lines(path, "concept file"), path.stem)
     if not concepts.texts:
         raise UserError(f"concept file {path} has no concepts (every line is empty)")
     return concepts
@@ -108,23 +118,100 @@ def class_names(spec: str) -> list[str]:
         lines = [line for line in _shipped_text(SHIPPED[spec]).splitlines() if line.strip()]
         return [_line_to_text(spec, line) for line in lines]
     path = Path(spec).expanduser()
+    if (kind := non_regular_kind(path)) is not None:
+        raise UserError(f"class-name list {path} is {kind}, not a regular text file")
     if not path.is_file():
         raise UserError(f"unknown class-name list {spec!r}: use imagenet, places365, cifar100 or a text file")
-    names = [line.strip() for line in read_text_file(path, "class-name list").splitlines() if line.strip()]
+    names = [line.strip() for line in read_text_lines(path, "class-name list") if line.strip()]
     if not names:
         raise UserError(f"class-name list {path} has no names (every line is empty)")
     return names
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """A user's text file as UTF-8; a byte-order mark (Windows editors write one) is dropped and
-    UTF-16 with a BOM is accepted too, so no concept starts with an invisible U+FEFF."""
+# BOMs, longest first (the UTF-32-LE BOM starts with the UTF-16-LE one).
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
+
+
+def _sniff_encoding(data: bytes) -> tuple[str, int]:
+    """(codec, bytes to skip): from a byte-order mark, else from where the NUL bytes of mostly
+    ASCII UTF-16/32 text fall (Windows tools write UTF-16-LE without a BOM too), else UTF-8."""
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            return codec, len(bom)
+    sample = data[:4096]
+    if b"\x00" not in sample:
+        return "utf-8", 0
+    n4 = len(sample) // 4 * 4
+    if n4:
+        zero4 = [sum(sample[i] == 0 for i in range(k, n4, 4)) / (n4 // 4) for k in range(4)]
+        if zero4[1] > 0.9 and zero4[2] > 0.9 and zero4[3] > 0.9 and zero4[0] < 0.5:
+            return "utf-32-le", 0
+        if zero4[0] > 0.9 and zero4[1] > 0.9 and zero4[2] > 0.9 and zero4[3] < 0.5:
+            return "utf-32-be", 0
+    n2 = len(sample) // 2 * 2
+    if n2:
+        even = sum(sample[i] == 0 for i in range(0, n2, 2)) / (n2 // 2)
+        odd = sum(sample[i] == 0 for i in range(1, n2, 2)) / (n2 // 2)
+        if odd > 0.6 and even < 0.2:
+            return "utf-16-le", 0
+        if even > 0.6 and odd < 0.2:
+            return "utf-16-be", 0
+    return "utf-8", 0  # NULs without a pattern: reported below as control characters
+
+
+def _control_name(ch: str) -> str:
+    if ch == "\x00":
+        return "NUL"
+    if ch == "\t":
+        return "tab"
+    return f"U+{ord(ch):04X}"
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """A user's text file as lines: UTF-8 (a byte-order mark is dropped), or UTF-16/UTF-32 with
+    or without a BOM; CRLF and LF line ends. A line holding a NUL or another control character
+    (tab, escape, bidi override ...) is refused with its line number: it means a binary file, a
+    wrong encoding or a format with fields, and a concept text is shown to everyone who opens
+    the cache."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_TEXT_BYTES)
+    except NotRegularFile as exc:
+        raise UserError(f"{what} {path} is {exc.kind}, not a regular text file") from None
+    except FileTooLarge as exc:
+        raise UserError(f"{what} {exc}") from None
     except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
-    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    codec, skip = _sniff_encoding(data)
     try:
-        return data.decode(encoding)
+        text = data[skip:].decode(codec)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        shown = "UTF-8" if codec == "utf-8" else f"{codec.upper()} (as its NUL bytes suggest)"
+        raise UserError(
+            f"{what} {path} is not {shown} text ({exc.reason} at byte {exc.start + skip})"
+            + ("; save it as UTF-8" if codec != "utf-8" else "")
+        ) from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    for number, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if has_control(line):
+            bad = next(ch for ch in line if has_control(ch))
+            hint = " (a binary file?)" if bad == "\x00" else ""
+            raise UserError(
+                f"{what} {path} line {number} holds a control character "
+                f"({_control_name(bad)}){hint}: {printable(line[:80])!r}"
+            )
+        lines[number - 1] = line
+    return lines
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """``read_text_lines`` joined with newlines (kept for callers that want one string)."""
+    return "\n".join(read_text_lines(path, what))

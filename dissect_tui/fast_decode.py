@@ -5,17 +5,25 @@ which also validates the file); the main process decodes each batch's JPEGs with
 ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA) and applies every preprocessing
 as tensor ops on the device: resize with antialias, center crop, scale to [0, 1], normalize.
 
-The tensor ops are derived from the transform objects (``map_transform``): torchvision's
-``ImageClassification`` presets (``weights.transforms()``) and ``T.Compose`` chains of
-Resize / CenterCrop / [convert RGB] / ToTensor / Normalize as built by
-``dissect_tui.targets.imagenet_preprocess`` and open_clip's ``image_transform``. Each mapping is
-checked against the PIL transform on a test picture before it is used.
+The tensor ops come from configuration (``map_transform``): the resize/crop/normalize parameters
+that dissect-tui attaches to the transforms it builds (``with_tensor_ops``: targets'
+``imagenet_preprocess``, open_clip's preprocessing config in clip_backend), torchvision's
+classification presets (``weights.transforms()``, read through ``dissect_tui.compat``), and as a
+last resort a ``T.Compose`` of Resize / CenterCrop / [convert RGB] / ToTensor / Normalize built
+by a custom factory. Each mapping is checked against the PIL transform on test pictures.
 
 Whatever the tensor path cannot do goes through the ordinary PIL path of ``dissect_tui.probe``
 for that image or that transform, so no image is dropped and ok/error flags match
 ``--decode cpu``: unmappable transforms (custom callables), non-JPEG files, CIFAR / synthetic
 items, JPEGs with an EXIF rotation (nvJPEG ignores EXIF), CMYK JPEGs on CUDA, huge JPEGs (the
-PIL path decodes those at reduced scale), and any file the device decoder rejects.
+PIL path decodes those at reduced scale), files that are not regular files, and any file the
+device decoder rejects or decodes to another size than its header says. Headers are checked with
+the PIL path's bounds (``probe.check_image_header``) before any device decode, and each batch is
+decoded in pieces of at most ``DEVICE_DECODE_PIXELS`` pixels.
+
+``--decode auto`` uses this path on CUDA, which has not yet run on a GPU in this project's
+tests: there any error of the device path switches the rest of the run to the PIL loader with one
+note (``iter_device_batches`` with ``plan.fallback``); ``--decode gpu`` fails with one line.
 
 The same code runs with a CPU device (``decode_jpeg`` decodes CPU tensors too): the tests
 compare that path against the PIL path; ``--decode gpu`` itself requires CUDA.
@@ -25,31 +33,39 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
+from dissect_tui import compat
 from dissect_tui.errors import UserError
 from dissect_tui.probe import (
+    JPEG_MAGIC,
     MAX_PIXELS,
+    BadImage,
     Batch,
     ProbeDataset,
     ProbeSet,
+    check_image_header,
+    iter_batches,
     make_thumbnail,
     to_rgb,
     transform_output_shape,
 )
+from dissect_tui.userfiles import open_regular
 
 DECODE_MODES = ("auto", "cpu", "gpu")
 TENSOR_MODE = "tensor"  # internal: the device path on any device (tests, bench --quick)
 MAX_DEVICE_PIXELS = MAX_PIXELS // 4  # larger JPEGs take the PIL path (reduced-scale draft decode)
+MAX_DEVICE_FILE_BYTES = 64 << 20  # larger files take the PIL path (never read whole into a worker)
+DEVICE_DECODE_PIXELS = 64_000_000  # pixels decoded at once on the device (~190 MB uint8)
 CHECK_TOLERANCE = 0.08  # max |tensor path - PIL path| accepted by the self-check (normalized units)
-_JPEG_MAGIC = b"\xff\xd8\xff"
+TENSOR_OPS_ATTR = "tensor_ops"  # attribute carrying a transform's resize/crop/normalize parameters
 _DIRECT_MODES = frozenset({"RGB", "L"})  # JPEG colour modes decode_jpeg(mode=RGB) matches PIL on
 
 
@@ -133,30 +149,87 @@ def _triple(values: Any) -> tuple[float, float, float] | None:
 
 
 def _map_preset(t: Any) -> TensorPreprocess | None:
-    """torchvision.transforms._presets.ImageClassification (weights.transforms())."""
+    """torchvision's classification preset (weights.transforms()): its configuration attributes."""
     size, crop = _size_tuple(t.resize_size), _crop_tuple(t.crop_size)
     interp = _interp_name(t.interpolation)
     mean, std = _triple(t.mean), _triple(t.std)
-    if None in (size, crop, interp, mean, std):
+    if None in (size, crop, interp, mean, std) or getattr(t, "antialias", True) is False:
         return None
     return TensorPreprocess(size, interp, None, crop, mean, std)  # type: ignore[arg-type]
 
 
+def with_tensor_ops(
+    transform: Callable,
+    *,
+    resize: int | Sequence[int] | None,
+    interpolation: str,
+    crop: int | Sequence[int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> Callable:
+    """Attach the resize/crop/normalize parameters a PIL eval transform applies, so the device
+    path builds its tensor ops from them (still checked against the transform before use)."""
+    setattr(
+        transform,
+        TENSOR_OPS_ATTR,
+        {
+            "resize": [resize] if isinstance(resize, int) else None if resize is None else list(resize),
+            "interpolation": interpolation,
+            "crop": [crop, crop] if isinstance(crop, int) else None if crop is None else list(crop),
+            "mean": None if mean is None else list(mean),
+            "std": None if std is None else list(std),
+        },
+    )
+    return transform
+
+
+def open_clip_tensor_ops(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``with_tensor_ops`` keywords for an open_clip eval transform built from its preprocessing
+    config (``model.visual.preprocess_cfg``), or None where it is not resize + crop + normalize."""
+    size = cfg.get("size")
+    interpolation = cfg.get("interpolation") or "bicubic"
+    mode = cfg.get("resize_mode") or "shortest"
+    if interpolation not in ("bicubic", "bilinear") or cfg.get("mode", "RGB") != "RGB":
+        return None
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        return None
+    common = {"interpolation": interpolation, "mean": cfg.get("mean"), "std": cfg.get("std")}
+    if mode == "shortest" and size[0] == size[1]:
+        return {"resize": size[0], "crop": list(size), **common}
+    if mode == "squash":
+        return {"resize": list(size), "crop": None, **common}
+    return None  # 'longest' (pad to square) and non-square 'shortest' keep-ratio resizes
+
+
+def _from_config(config: Any) -> TensorPreprocess | None:
+    if not isinstance(config, dict):
+        return None
+    size = _size_tuple(config.get("resize"))
+    crop = _crop_tuple(config.get("crop")) if config.get("crop") is not None else None
+    interp = config.get("interpolation")
+    if config.get("resize") is not None and size is None:
+        return None
+    if interp not in ("bilinear", "bicubic") or (crop is None and (size is None or len(size) != 2)):
+        return None
+    mean = _triple(config["mean"]) if config.get("mean") is not None else None
+    std = _triple(config["std"]) if config.get("std") is not None else None
+    if (mean is None) != (std is None):
+        return None
+    return TensorPreprocess(size, interp, None, crop, mean, std)
+
+
 def _map_compose(steps: Sequence[Any]) -> TensorPreprocess | None:
-    """Resize? CenterCrop? [convert to RGB] ToTensor Normalize?, in that order, nothing else."""
+    """Resize? CenterCrop? [convert to RGB] ToTensor Normalize?, in that order, nothing else
+    (a custom factory's own T.Compose; the transforms dissect-tui builds carry their config)."""
     import torchvision.transforms as T
     import torchvision.transforms.v2 as T2
 
-    rgb_steps: tuple[Any, ...] = ()
-    to_tensor: tuple[type, ...] = (T.ToTensor,)
-    try:
-        import open_clip.transform as oct
-
-        rgb_steps = tuple(x for x in (getattr(oct, "_convert_to_rgb", None),) if x is not None)
-        to_tensor += tuple(c for c in (getattr(oct, "MaybeToTensor", None),) if c is not None)
-        maybe_convert = getattr(oct, "MaybeConvertMode", None)
-    except ImportError:
-        maybe_convert = None
+    rgb_steps = compat.open_clip_rgb_steps()
+    extra = compat.open_clip_transform_types()
+    to_tensor: tuple[type, ...] = (T.ToTensor, *[c for n, c in extra.items() if n == "MaybeToTensor"])
+    maybe_convert = extra.get("MaybeConvertMode")
 
     size = interp = max_size = crop = mean = std = None
     i, steps = 0, list(steps)
@@ -172,7 +245,7 @@ def _map_compose(steps: Sequence[Any]) -> TensorPreprocess | None:
             return None
         i += 1
     while i < len(steps) and (
-        steps[i] in rgb_steps
+        any(steps[i] is step for step in rgb_steps)
         or (maybe_convert is not None and type(steps[i]) is maybe_convert and steps[i].mode == "RGB")
     ):
         i += 1  # our decodes are RGB already
@@ -213,9 +286,7 @@ def _agrees(transform: Callable, spec: TensorPreprocess) -> bool:
     for w, h in ((333, 250), (250, 333)):
         pic = _test_picture(w, h)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ref = transform(pic)
+            ref = transform(pic)
             ours = spec(torch.from_numpy(_pil_array(pic)).permute(2, 0, 1).unsqueeze(0))[0]
         except Exception:
             return False
@@ -233,26 +304,24 @@ def _pil_array(img: Image.Image):
 
 
 def map_transform(transform: Callable) -> TensorPreprocess | None:
-    """The tensor-op equivalent of a PIL eval transform, or None when it cannot be mapped."""
+    """The tensor-op equivalent of a PIL eval transform, or None when it cannot be mapped.
+
+    From the transform's attached configuration (``with_tensor_ops``), a torchvision
+    classification preset's attributes, or a plain ``Compose`` chain; always checked against
+    the transform itself on two test pictures.
+    """
     import torchvision.transforms as T
+    import torchvision.transforms.v2 as T2
 
-    try:
-        from torchvision.transforms._presets import ImageClassification
-    except ImportError:  # pragma: no cover - very old torchvision
-        ImageClassification = None  # noqa: N806
     spec: TensorPreprocess | None = None
-    if ImageClassification is not None and type(transform) is ImageClassification:
+    preset = compat.classification_preset_type()
+    config = getattr(transform, TENSOR_OPS_ATTR, None)
+    if config is not None:
+        spec = _from_config(config)
+    elif preset is not None and type(transform) is preset:
         spec = _map_preset(transform)
-    elif type(transform) is T.Compose:
+    elif type(transform) in (T.Compose, T2.Compose):
         spec = _map_compose(transform.transforms)
-    else:
-        try:
-            import torchvision.transforms.v2 as T2
-
-            if type(transform) is T2.Compose:
-                spec = _map_compose(transform.transforms)
-        except ImportError:  # pragma: no cover
-            pass
     if spec is None or not _agrees(transform, spec):
         return None
     return spec
@@ -266,6 +335,8 @@ class DecodePlan:
     mode: str  # "gpu" on CUDA, "tensor" when forced on another device
     device: torch.device
     specs: list[TensorPreprocess | None]  # per transform; None: that transform runs on the PIL path
+    # --decode auto: an error of the device path switches the rest of the run to the PIL loader
+    fallback: bool = False
 
     @property
     def label(self) -> str:
@@ -282,9 +353,7 @@ def _device_decode_works(device: torch.device) -> str | None:
         buf = io.BytesIO()
         _test_picture(32, 24).save(buf, format="JPEG")
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its image decoders
-            out = decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+        out = decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
         if tuple(out[0].shape) != (3, 24, 32):
             return f"decode_jpeg gave shape {tuple(out[0].shape)} for a 32x24 test JPEG"
     except Exception as exc:
@@ -328,7 +397,8 @@ def plan_decode(
         f"decode: image transform #{i} is not a plain resize/crop/normalize chain; it runs with PIL"
         for i in unmapped
     ]
-    return DecodePlan(TENSOR_MODE if mode == TENSOR_MODE else "gpu", device, specs), notes
+    plan = DecodePlan(TENSOR_MODE if mode == TENSOR_MODE else "gpu", device, specs, fallback=mode == "auto")
+    return plan, notes
 
 
 # ---------------------------------------------------------------- loader (workers: bytes only)
@@ -341,11 +411,25 @@ class DecodeStats:
     """How each image of a run was decoded: on the device or on the PIL path, and why."""
 
     counts: Counter = field(default_factory=Counter)
+    fallback: str | None = None  # set when --decode auto gave up on the device path mid-run
 
     def summary(self) -> str:
         device = self.counts.get("device", 0)
         rest = ", ".join(f"{n} {why}" for why, n in self.counts.most_common() if why != "device")
         return f"{device} images decoded on the device" + (f"; PIL path: {rest}" if rest else "")
+
+
+class _Row(NamedTuple):
+    """One image as a loader worker hands it over."""
+
+    index: int
+    kind: int  # _DEVICE: ``data`` is decoded on the device; _PIL / _FAILED: done on the PIL path
+    data: bytes | None  # the JPEG file
+    cpu: list[torch.Tensor | None]  # per transform: the PIL path's tensor, where it ran there
+    thumbnail: bytes | None
+    size: tuple[int, int] | None  # (width, height) from the header
+    error: str | None
+    tag: str  # why this path (DecodeStats)
 
 
 @dataclass
@@ -390,28 +474,45 @@ class _BytesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.probe)
 
-    def pil_row(self, index: int, tag: str) -> tuple:
-        _, ok, tensors, thumb, size, reason = self.full[index]
-        cpu = tensors if ok else [None] * self.n_transforms
-        return (index, _PIL if ok else _FAILED, None, cpu, thumb, size, reason, tag if ok else "failed")
+    def pil_row(self, index: int, tag: str) -> _Row:
+        row = self.full[index]
+        cpu = list(row.tensors) if row.ok else [None] * self.n_transforms
+        return _Row(
+            index,
+            _PIL if row.ok else _FAILED,
+            None,
+            cpu,
+            row.thumbnail,
+            row.size,
+            row.error,
+            tag if row.ok else "failed",
+        )
 
-    def __getitem__(self, index: int) -> tuple:
+    def _read(self, path: str) -> bytes | str:
+        """The file's bytes, or why the PIL path should take it (it words any error)."""
+        try:
+            with open_regular(path) as fh:
+                if os.fstat(fh.fileno()).st_size > MAX_DEVICE_FILE_BYTES:
+                    return "large file"
+                head = fh.read(len(JPEG_MAGIC))
+                if head != JPEG_MAGIC:
+                    return "not JPEG"
+                return head + fh.read(MAX_DEVICE_FILE_BYTES)
+        except OSError:
+            return "unreadable"  # missing, not a regular file, no permission
+
+    def __getitem__(self, index: int) -> _Row:
         seg, _ = self.probe.segment(index)  # file items only; CIFAR/synthetic are PIL
         if seg.kind != "file":
             return self.pil_row(index, f"{seg.kind} images")
-        path = self.probe[index].path
+        data = self._read(self.probe[index].path)
+        if isinstance(data, str):
+            return self.pil_row(index, data)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError:
-            return self.pil_row(index, "unreadable")  # the PIL path words the error
-        if not data.startswith(_JPEG_MAGIC):
-            return self.pil_row(index, "not JPEG")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.format != "JPEG":
-                    return self.pil_row(index, "not JPEG")
+            # JpegImageFile directly: no process-wide bomb check; our own bounds apply below.
+            with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:
                 width, height = im.size
+                check_image_header(width, height, "JPEG", len(data))
                 if width * height > MAX_DEVICE_PIXELS:
                     return self.pil_row(index, "very large JPEG")
                 if im.mode not in self.modes:
@@ -424,29 +525,22 @@ class _BytesDataset(torch.utils.data.Dataset):
                     im.draft(im.mode, (2 * self.thumb_px, 2 * self.thumb_px))
                     im.load()
                     thumb = make_thumbnail(to_rgb(im), self.thumb_px)
+        except BadImage:
+            return self.pil_row(index, "refused by the header checks")  # the PIL path words it
         except Exception:
             return self.pil_row(index, "PIL check failed")  # the PIL path decides and words it
         cpu: list[torch.Tensor | None] = [None] * self.n_transforms
         if self.partial is not None:
-            _, ok, tensors, _, _, reason = self.partial[index]
-            if not ok:
-                return (
-                    index,
-                    _FAILED,
-                    None,
-                    [None] * self.n_transforms,
-                    None,
-                    (width, height),
-                    reason,
-                    "failed",
-                )
+            part = self.partial[index]
+            if not part.ok:
+                return _Row(index, _FAILED, None, cpu, None, (width, height), part.error, "failed")
             for k, t in enumerate(self.unmapped):
-                cpu[t] = tensors[k]
-        return (index, _DEVICE, data, cpu, thumb, (width, height), None, "device")
+                cpu[t] = part.tensors[k]
+        return _Row(index, _DEVICE, data, cpu, thumb, (width, height), None, "device")
 
 
-def _collate_raw(rows: list[tuple]) -> _RawBatch:
-    datas = [r[2] for r in rows if r[1] == _DEVICE]
+def _collate_raw(rows: list[_Row]) -> _RawBatch:
+    datas = [r.data for r in rows if r.kind == _DEVICE]
     offsets = [0]
     for d in datas:
         offsets.append(offsets[-1] + len(d))
@@ -456,20 +550,20 @@ def _collate_raw(rows: list[tuple]) -> _RawBatch:
         else torch.empty(0, dtype=torch.uint8)
     )
     cpu: list[list[tuple[list[int], torch.Tensor]]] = []
-    for t in range(len(rows[0][3])):
-        pos = [j for j, r in enumerate(rows) if r[3][t] is not None]
-        cpu.append([(pos, torch.stack([rows[j][3][t] for j in pos]))] if pos else [])
+    for t in range(len(rows[0].cpu)):
+        pos = [j for j, r in enumerate(rows) if r.cpu[t] is not None]
+        cpu.append([(pos, torch.stack([rows[j].cpu[t] for j in pos]))] if pos else [])
     return _RawBatch(
-        indices=torch.tensor([r[0] for r in rows], dtype=torch.long),
-        kinds=[r[1] for r in rows],
+        indices=torch.tensor([r.index for r in rows], dtype=torch.long),
+        kinds=[r.kind for r in rows],
         buffer=buffer,
         offsets=offsets,
-        jpeg_pos=[j for j, r in enumerate(rows) if r[1] == _DEVICE],
+        jpeg_pos=[j for j, r in enumerate(rows) if r.kind == _DEVICE],
         cpu=cpu,
-        thumbnails=[r[4] for r in rows],
-        sizes=[tuple(r[5]) if r[5] is not None else None for r in rows],
-        errors=[r[6] for r in rows],
-        tags=[r[7] for r in rows],
+        thumbnails=[r.thumbnail for r in rows],
+        sizes=[tuple(r.size) if r.size is not None else None for r in rows],
+        errors=[r.error for r in rows],
+        tags=[r.tag for r in rows],
     )
 
 
@@ -482,17 +576,15 @@ def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.
 
     if not files:
         return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its image decoders
-        try:
-            out: list[torch.Tensor | None] = list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one bad file fails the whole batched call: retry one by one
-            out = []
-            for f in files:
-                try:
-                    out.append(decode_jpeg(f, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    out.append(None)
+    try:
+        out: list[torch.Tensor | None] = list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the whole batched call: retry one by one
+        out = []
+        for f in files:
+            try:
+                out.append(decode_jpeg(f, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
     return [x if x is not None and x.ndim == 3 and x.shape[0] == 3 else None for x in out]
 
 
@@ -500,6 +592,22 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)  # no host sync
     return t.to(device)
+
+
+def _pieces_by_pixels(
+    positions: list[int], sizes: list[tuple[int, int] | None], budget: int
+) -> list[list[int]]:
+    """Consecutive runs of ``positions`` whose header pixels sum to at most ``budget`` each."""
+    pieces: list[list[int]] = [[]]
+    total = 0
+    for k, pos in enumerate(positions):
+        w, h = sizes[pos] or (0, 0)
+        if pieces[-1] and total + w * h > budget:
+            pieces.append([])
+            total = 0
+        pieces[-1].append(k)
+        total += w * h
+    return [p for p in pieces if p]
 
 
 def _finish(
@@ -514,29 +622,38 @@ def _finish(
     kinds, errors, thumbs, tags = list(raw.kinds), list(raw.errors), list(raw.thumbnails), list(raw.tags)
     cpu = [list(pieces) for pieces in raw.cpu]
     files = [raw.buffer[a:b] for a, b in zip(raw.offsets[:-1], raw.offsets[1:], strict=True)]
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for pos, img in zip(raw.jpeg_pos, decode_jpegs(files, device), strict=True):
-        if img is not None:
-            groups.setdefault((img.shape[1], img.shape[2]), []).append((pos, img))
-            continue
-        # the device decoder refused it: the PIL path decides (and words any error)
-        row = dataset.pil_row(int(raw.indices[pos]), "device decode failed")
-        kinds[pos], errors[pos], tags[pos] = row[1], row[6], row[7]
-        thumbs[pos] = row[4]
-        for t in range(len(shapes)):
-            cpu[t] = [(p, x) for p, x in cpu[t] if pos not in p] + _drop_pos(cpu[t], pos)
-            if row[3][t] is not None:
-                cpu[t].append(([pos], row[3][t].unsqueeze(0)))
+    device_pieces: list[list[tuple[list[int], torch.Tensor]]] = [[] for _ in shapes]
+    # Decoded images are the large tensors: decode, preprocess and drop them piece by piece.
+    for piece in _pieces_by_pixels(raw.jpeg_pos, raw.sizes, DEVICE_DECODE_PIXELS):
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        decoded = decode_jpegs([files[k] for k in piece], device)
+        for k, img in zip(piece, decoded, strict=True):
+            pos = raw.jpeg_pos[k]
+            w, h = raw.sizes[pos] or (0, 0)
+            if img is not None and tuple(img.shape[1:]) == (h, w):
+                groups.setdefault((h, w), []).append((pos, img))
+                continue
+            # the device decoder refused it, or decoded another size than the header says:
+            # the PIL path decides (and words any error)
+            row = dataset.pil_row(int(raw.indices[pos]), "device decode failed")
+            kinds[pos], errors[pos], tags[pos] = row.kind, row.error, row.tag
+            thumbs[pos] = row.thumbnail
+            for t in range(len(shapes)):
+                cpu[t] = [(p, x) for p, x in cpu[t] if pos not in p] + _drop_pos(cpu[t], pos)
+                if row.cpu[t] is not None:
+                    cpu[t].append(([pos], row.cpu[t].unsqueeze(0)))
+        del decoded
+        for t, spec in enumerate(plan.specs):
+            if spec is not None:
+                for members in groups.values():
+                    batch = torch.stack([img for _, img in members])
+                    device_pieces[t].append(([p for p, _ in members], spec(batch)))
+        del groups
     stats.counts.update(tags)
 
     inputs = []
     for t, shape in enumerate(shapes):
-        pieces: list[tuple[list[int], torch.Tensor]] = []
-        spec = plan.specs[t]
-        if spec is not None:
-            for members in groups.values():
-                pieces.append(([p for p, _ in members], spec(torch.stack([img for _, img in members]))))
-        pieces += [(p, _to_device(x, device)) for p, x in cpu[t]]
+        pieces = device_pieces[t] + [(p, _to_device(x, device)) for p, x in cpu[t]]
         if len(pieces) == 1 and pieces[0][0] == list(range(n)):
             inputs.append(pieces[0][1])  # the common case: one size, nothing failed
             continue
@@ -565,25 +682,15 @@ def _drop_pos(pieces: list[tuple[list[int], torch.Tensor]], pos: int) -> list[tu
     return out
 
 
-def iter_device_batches(
+def _device_batches(
     probe: ProbeSet,
     transforms: Sequence[Callable[[Image.Image], torch.Tensor]],
     plan: DecodePlan,
     batch_size: int,
     workers: int,
-    thumbnail_px: int = 96,
-    stats: DecodeStats | None = None,
+    thumbnail_px: int,
+    stats: DecodeStats,
 ) -> Iterator[Batch]:
-    """Like ``probe.iter_batches``, but inputs are decoded and preprocessed on ``plan.device``.
-
-    Batches come in probe order; ``inputs`` are already on the device; failed images give
-    ok=False rows with zero tensors and the PIL path's error text.
-    """
-    if batch_size < 1:
-        raise UserError("batch size must be at least 1")
-    if workers < 0:
-        raise UserError("workers must be 0 or more")
-    stats = stats if stats is not None else DecodeStats()
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
     for t, spec in enumerate(plan.specs):
         if spec is not None and spec.crop is not None and (3, *spec.crop) != shapes[t]:
@@ -601,3 +708,59 @@ def iter_device_batches(
     )
     for raw in loader:
         yield _finish(raw, plan, dataset, shapes, stats)
+
+
+def iter_device_batches(
+    probe: ProbeSet,
+    transforms: Sequence[Callable[[Image.Image], torch.Tensor]],
+    plan: DecodePlan,
+    batch_size: int,
+    workers: int,
+    thumbnail_px: int = 96,
+    stats: DecodeStats | None = None,
+    note: Callable[[str], None] | None = None,
+) -> Iterator[Batch]:
+    """Like ``probe.iter_batches``, but inputs are decoded and preprocessed on ``plan.device``.
+
+    Batches come in probe order; ``inputs`` are already on the device; failed images give
+    ok=False rows with zero tensors and the PIL path's error text. An error of the device path
+    itself (the decoder, the device, the loader) is, with ``plan.fallback`` (``--decode auto``),
+    one ``note(...)`` and ``probe.iter_batches`` for the images not yet yielded; without it
+    (``--decode gpu``) one UserError line.
+    """
+    if batch_size < 1:
+        raise UserError("batch size must be at least 1")
+    if workers < 0:
+        raise UserError("workers must be 0 or more")
+    stats = stats if stats is not None else DecodeStats()
+    done = 0  # images yielded so far: batches come in probe order
+    device = _device_batches(probe, transforms, plan, batch_size, workers, thumbnail_px, stats)
+    try:
+        while True:
+            try:
+                batch = next(device)
+            except StopIteration:
+                return
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of the device path
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                if not plan.fallback:
+                    raise UserError(
+                        f"--decode {plan.mode}: decoding on {plan.device} failed after {done} images "
+                        f"({reason}); use --decode cpu"
+                    ) from None
+                break
+            done += len(batch.indices)
+            yield batch
+    finally:
+        device.close()
+    stats.fallback = (
+        f"decode: the device path failed after {done} images ({reason}); the remaining "
+        f"{len(probe) - done} are decoded with PIL"
+    )
+    if note is not None:
+        note(stats.fallback)
+    for batch in iter_batches(probe, transforms, batch_size, workers, thumbnail_px, start=done):
+        stats.counts["after the device path failed"] += len(batch.indices)
+        yield batch

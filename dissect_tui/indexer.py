@@ -355,7 +355,7 @@ def _text_encoder(s: IndexSettings, setup: IndexSetup) -> TextEncoder:
     return TextEncoder(load, s.template, tower=source.tower)
 
 
-def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any) -> Iterator[Any]:
+def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any, clock: StageClock) -> Iterator[Any]:
     """Batches of decoded probe images: PIL in loader workers, or JPEGs decoded on the device."""
     from dissect_tui.fast_decode import iter_device_batches
     from dissect_tui.probe import iter_batches
@@ -363,16 +363,25 @@ def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any) -> Iterator[
     transforms = _transforms(setup.target, setup.clip_model)
     if setup.decode_plan is None:
         return iter_batches(setup.probe, transforms, setup.batch_size, setup.workers, s.thumbnail_px)
+    # --decode auto: if the device path fails, the rest of the run decodes with PIL (one note)
     return iter_device_batches(
-        setup.probe, transforms, setup.decode_plan, setup.batch_size, setup.workers, s.thumbnail_px, stats
+        setup.probe,
+        transforms,
+        setup.decode_plan,
+        setup.batch_size,
+        setup.workers,
+        s.thumbnail_px,
+        stats,
+        note=clock.note,
     )
 
 
-def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> ImagePass:
+def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> tuple[ImagePass, str]:
+    """The images stage, and how images were decoded ("cpu", "gpu", "gpu, then cpu" …)."""
     from dissect_tui.fast_decode import DecodeStats
 
     stats = DecodeStats()
-    batches = _image_batches(setup, s, stats)
+    batches = _image_batches(setup, s, stats, clock)
     images = record_images(
         setup.probe,
         batches,
@@ -384,11 +393,13 @@ def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> ImageP
         setup.precision,
         clock.progress,
     )
+    decode_used = "cpu"
     if setup.decode_plan is not None:
         clock.note(f"decode: {setup.decode_plan.label}; {stats.summary()}")
+        decode_used = setup.decode_plan.mode + (", then cpu" if stats.fallback else "")
     if setup.source is not None:  # CLIP did not run: the other cache's embeddings of these images
         images.image_emb = torch.from_numpy(setup.source.images(images.ok_ids)).to(setup.device)
-    return images
+    return images, decode_used
 
 
 def index_run_record(
@@ -398,10 +409,14 @@ def index_run_record(
     encoder: TextEncoder,
     hp: dict[str, Any],
     cutoff: float,
+    decode_used: str,
 ) -> dict[str, Any]:
     """The runs row of an index run (stage_seconds are added at the end)."""
+    from dissect_tui.cpu_kernel import active_path
+
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
-    settings["decode_used"] = "cpu" if setup.decode_plan is None else setup.decode_plan.mode
+    settings["decode_used"] = decode_used
+    settings["scoring_path"] = active_path(setup.device)  # the C kernel or eager torch: same numbers
     if setup.source is not None:  # where the image and concept embeddings came from
         settings["embeddings_source"] = {
             "path": str(setup.source.path.resolve()),
@@ -490,6 +505,14 @@ def write_activations(
     return thumb_ids
 
 
+def _note_scoring_path(device: torch.device, clock: StageClock) -> None:
+    """Say so when a CPU run cannot use the compiled kernel (it is then several times slower)."""
+    if device.type == "cpu":
+        from dissect_tui.cpu_kernel import kernel_note
+
+        clock.note(kernel_note())
+
+
 def write_classifier(writer: CacheWriter, target: Any, layers: list[str]) -> None:
     """The final linear layer's weights, when it is recorded (for `analyze`)."""
     from dissect_tui.targets import final_linear
@@ -519,7 +542,7 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     with clock("setup"):
         setup = prepare_index(s, clock)
     with clock("images"):
-        images = run_images(setup, s, clock)
+        images, decode_used = run_images(setup, s, clock)
     texts = setup.concept_set.texts
     encoder = _text_encoder(s, setup)
     with clock("concepts"):
@@ -533,7 +556,8 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
 
     with CacheWriter(final_path) as writer:
         with clock("write"):
-            run_id = writer.add_run(**index_run_record(s, setup, images, encoder, hp, cutoff))
+            run_id = writer.add_run(**index_run_record(s, setup, images, encoder, hp, cutoff, decode_used))
+            _note_scoring_path(setup.device, clock)
             concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
         thumb_ids = write_activations(writer, images, setup.layers, s, clock)
         with clock("scoring"):
@@ -597,6 +621,7 @@ def _stored_activations(reader: CacheReader, layer: str, image_ids: np.ndarray) 
 def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None) -> IndexResult:
     """A new run from stored activations and embeddings; no image is read again."""
     from dissect_tui.clip_backend import load_clip
+    from dissect_tui.cpu_kernel import active_path
 
     s = settings
     clock = StageClock(progress or NullProgress())
@@ -652,8 +677,12 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
                 hyperparameters=hp,
                 cutoff=cutoff,
                 device=device_label(device),
-                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+                settings={
+                    **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+                    "scoring_path": active_path(device),
+                },
             )
+            _note_scoring_path(device, clock)
             concept_ids = writer.concept_ids(texts)
             writer.write_run_concepts(run_id, concept_ids)
             new = np.array([t not in stored for t in texts], dtype=bool)

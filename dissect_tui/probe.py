@@ -20,9 +20,16 @@ Decoding (``ProbeSet.open``) always gives RGB: transparency (RGBA, LA, P with a 
 colour) is composited on white; 16-bit and 32-bit greyscale are scaled to 8 bits by their bit
 depth; CMYK, 1-bit, YCbCr convert as Pillow does; the EXIF orientation is applied; animated files
 give their first frame. JPEGs larger than needed are decoded at a reduced scale (``draft``, DCT
-scaling, the shorter side stays >= ``DECODE_MIN_SIDE``); other formats above ``MAX_PIXELS``
-are refused as bad images instead of allocating gigabytes. Corrupt, truncated, empty or
-non-image files raise ``BadImage``; ``iter_batches`` turns those into failed rows.
+scaling, the shorter side stays >= ``DECODE_MIN_SIDE``).
+
+The work per image is bounded from its header, before a pixel is decoded, so a probe folder
+cannot exhaust memory: aspect ratios beyond 1:``MAX_ASPECT`` (a resize of the short side would
+blow up the long one), JPEG headers that claim more pixels than the file's bytes can hold
+(forged or truncated), other formats above ``MAX_PIXELS`` (or Pillow's own
+``Image.MAX_IMAGE_PIXELS`` where lower; never changed here) and decodes that do not match their
+header are refused as bad images. Only regular files are opened (a FIFO would block, a device
+never end). Corrupt, truncated, empty or non-image files raise ``BadImage``; ``iter_batches``
+turns those into failed rows.
 """
 
 from __future__ import annotations
@@ -33,18 +40,19 @@ import os
 import pickle
 import tarfile
 import urllib.parse
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, JpegImagePlugin
 
+from dissect_tui.compat import extract_tar, one_intraop_thread
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.userfiles import FileTooLarge, NotRegularFile, non_regular_kind, open_regular, read_regular
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -64,11 +72,17 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 DECODE_MIN_SIDE = 512  # JPEG draft keeps the shorter side at least this long (>= 2x a 224 crop)
-MAX_PIXELS = 100_000_000  # formats without reduced decoding above this are refused (~300 MB RGB)
+MAX_PIXELS = 100_000_000  # decoded pixels above this are refused (~300 MB RGB)
+MAX_ASPECT = 64  # long side / short side: beyond this, a short-side resize explodes the long side
+# A JPEG needs well over 1 bit per 8x8 block even for a flat colour (Huffman-coded DC and EOB,
+# measured at most 255 pixels per byte); 8x that margin still catches forged headers.
+JPEG_MAX_PIXELS_PER_BYTE = 2048
+JPEG_MAGIC = b"\xff\xd8\xff"
 CIFAR_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR_FOLDER = "cifar-100-python"
 SYNTHETIC_MAX = 10_000_000
+MAX_LIST_BYTES = 1 << 30  # a probe list file (10M paths of 100 bytes)
 _WHITE = (255, 255, 255)
 
 
@@ -162,41 +176,102 @@ class ProbeSet(Sequence[ProbeItem]):
 def decode_file(
     path: str, min_side: int = DECODE_MIN_SIDE, max_pixels: int = MAX_PIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode one file robustly to RGB: (image, original (width, height)); raises BadImage."""
+    """Decode one file robustly to RGB: (image, original (width, height)); raises BadImage.
+
+    The work per file is bounded before any pixel is decoded (see ``check_image_header``): JPEGs
+    are opened without Pillow's global decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` is
+    never changed) and decoded at reduced scale; other formats keep Pillow's limit and ours.
+    """
     try:
-        size_bytes = os.path.getsize(path)
-    except OSError:
+        fh = open_regular(path)
+    except FileNotFoundError:
         raise BadImage("file not found") from None
-    if size_bytes == 0:
-        raise BadImage("empty file (0 bytes)")
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        # Our own pixel policy below replaces Pillow's DecompressionBombError, which would fire at
-        # open() before draft() could shrink a huge JPEG.
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as im:
+    except NotRegularFile as exc:
+        raise BadImage(f"not a regular file: {exc.kind}") from None
+    except OSError as exc:
+        raise BadImage(f"cannot read file: {exc.strerror or _brief(exc)}") from None
+    with fh:
+        size_bytes = os.fstat(fh.fileno()).st_size
+        if size_bytes == 0:
+            raise BadImage("empty file (0 bytes)")
+        try:
+            is_jpeg = fh.read(len(JPEG_MAGIC)) == JPEG_MAGIC
+            fh.seek(0)
+            # JpegImageFile directly: Image.open would apply Pillow's process-wide bomb limit,
+            # which refuses huge JPEGs before draft() could shrink them.
+            im = JpegImagePlugin.JpegImageFile(fh) if is_jpeg else Image.open(fh)
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"image too large to decode safely: {_brief(exc)}") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image, or a format Pillow cannot read") from None
+        except MemoryError:
+            raise BadImage("out of memory while decoding") from None
+        except Exception as exc:  # broken headers
+            raise BadImage(f"corrupt or truncated image: {_brief(exc)}") from None
+        with im:
             width, height = im.size
-            if im.format == "JPEG":
-                if min(width, height) >= 2 * min_side:
+            check_image_header(width, height, im.format or "?", size_bytes, max_pixels=max_pixels)
+            try:
+                if im.format == "JPEG" and min(width, height) >= 2 * min_side:
                     im.draft("RGB" if im.mode == "RGB" else im.mode, (min_side, min_side))
-            elif width * height > max_pixels:
-                raise BadImage(
-                    f"image too large to decode safely: {width}x{height} {im.format} "
-                    f"({width * height / 1e6:.0f} MP > {max_pixels / 1e6:.0f} MP)"
-                )
-            im.load()
-            rgb = to_rgb(im)
-    except BadImage:
-        raise
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image, or a format Pillow cannot read") from None
-    except MemoryError:
-        raise BadImage("out of memory while decoding") from None
-    except Exception as exc:  # truncated data, broken headers, decoder errors
-        raise BadImage(f"corrupt or truncated image: {_brief(exc)}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return rgb, (width, height) if _orientation_keeps_axes(rgb, im) else (height, width)
+                expected = im.size
+                if expected[0] * expected[1] > max_pixels:  # JPEGs: after the reduced-scale draft
+                    raise BadImage(
+                        f"image too large to decode safely: {width}x{height} {im.format} "
+                        f"({expected[0] * expected[1] / 1e6:.0f} MP decoded > {max_pixels / 1e6:.0f} MP)"
+                    )
+                im.load()
+                if im.size != expected:
+                    raise BadImage(f"decoded size {im.size[0]}x{im.size[1]} differs from the header's")
+                rgb = to_rgb(im)
+            except BadImage:
+                raise
+            except MemoryError:
+                raise BadImage("out of memory while decoding") from None
+            except Exception as exc:  # truncated data, decoder errors
+                raise BadImage(f"corrupt or truncated image: {_brief(exc)}") from None
+            keeps_axes = _orientation_keeps_axes(rgb, im)
+    return rgb, (width, height) if keeps_axes else (height, width)
+
+
+def pixel_limit(max_pixels: int = MAX_PIXELS) -> int:
+    """Our limit, or Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` where that is lower."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return min(max_pixels, int(pillow)) if pillow else max_pixels
+
+
+def check_image_header(
+    width: int, height: int, fmt: str, size_bytes: int, *, max_pixels: int = MAX_PIXELS
+) -> None:
+    """Refuse (BadImage) an image whose header promises more work than a probe image may cost.
+
+    - an aspect ratio beyond 1:MAX_ASPECT: resizing the short side to a model's input size
+      would blow the long side up (a 20000x1 PNG is 100 bytes and 6 GB after Resize(256));
+    - a JPEG whose header claims far more pixels than its bytes can hold (a forged 60000x60000
+      header on a 3 kB file decodes as a grey 7500x7500 image, 170 MB);
+    - other formats above ``pixel_limit(max_pixels)`` pixels (JPEGs are decoded at reduced scale
+      and must stay under ``max_pixels`` after that; ``decode_file`` checks it).
+    """
+    if width < 1 or height < 1:
+        raise BadImage(f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise BadImage(
+            f"extreme aspect ratio {width}x{height} (more than 1:{MAX_ASPECT}); resizing it would "
+            "cost far more memory than the image holds"
+        )
+    pixels = width * height
+    if fmt == "JPEG":
+        if pixels > size_bytes * JPEG_MAX_PIXELS_PER_BYTE:
+            raise BadImage(
+                f"JPEG header claims {width}x{height} pixels but the file has only {size_bytes:,} bytes "
+                "(forged or truncated header)"
+            )
+    elif pixels > pixel_limit(max_pixels):
+        limit = pixel_limit(max_pixels)
+        raise BadImage(
+            f"image too large to decode safely: {width}x{height} {fmt} "
+            f"({pixels / 1e6:.0f} MP > {limit / 1e6:.0f} MP)"
+        )
 
 
 def _orientation_keeps_axes(rgb: Image.Image, decoded: Image.Image) -> bool:
@@ -309,7 +384,7 @@ def _cifar_folder_from(path: Path, cache_dir: Path) -> Path:
             cache_dir.mkdir(parents=True, exist_ok=True)
             try:
                 with tarfile.open(path, "r:gz") as tar:
-                    tar.extractall(cache_dir, filter="data")
+                    extract_tar(tar, cache_dir)
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise UserError(f"cannot extract {path}: {_brief(exc)}") from exc
         path = target
@@ -365,19 +440,27 @@ def _scan_folder(root: Path) -> list[str]:
 
 def _read_list_file(path: Path) -> tuple[list[str], int]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = read_regular(path, MAX_LIST_BYTES)
+    except NotRegularFile as exc:
+        raise UserError(f"probe {path} is {exc.kind}: give a folder, an image or a list file") from None
+    except FileTooLarge as exc:
+        raise UserError(f"probe list {exc}: split it, or give the folder instead") from None
+    except OSError as exc:
+        raise UserError(f"cannot read probe list {path}: {_brief(exc)}") from exc
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(
             f"probe {path} is neither a folder, an image, nor a text file listing images"
         ) from None
-    except OSError as exc:
-        raise UserError(f"cannot read probe list {path}: {_brief(exc)}") from exc
     base = path.parent
     paths, missing = [], 0
-    for line in text.splitlines():
+    for number, line in enumerate(text.split("\n"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if "\x00" in line:
+            raise UserError(f"probe list {path} line {number} holds a NUL byte: not a list of image paths")
         entry = Path(line).expanduser()
         full = entry if entry.is_absolute() else base / entry
         if not full.is_file():
@@ -469,6 +552,8 @@ def resolve_probe(specs: Sequence[str], cache_dir: Path) -> ProbeSet:
                 notes.append(
                     f"probe list {spec}: {missing} listed file(s) do not exist; counted as failed images"
                 )
+        elif (kind := non_regular_kind(path)) is not None:
+            raise UserError(f"probe '{spec}' is {kind}: give a folder, an image or a list file")
         else:
             raise UserError(
                 f"probe '{spec}' not found: give a folder, an image, a list file, "
@@ -544,32 +629,41 @@ class ProbeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.probe)
 
-    def __getitem__(self, index: int) -> tuple[int, bool, list[torch.Tensor], bytes | None, Any, str | None]:
+    def __getitem__(self, index: int) -> ProbeRow:
         size = None
         try:
             img, size = self.probe.open_with_size(index)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. antialias notes; one per image would flood
-                tensors = [t(img) for t in self.transforms]
+            tensors = [t(img) for t in self.transforms]
             for tensor, shape in zip(tensors, self.shapes, strict=True):
                 if tuple(tensor.shape) != shape:
                     raise BadImage(f"transform gave {tuple(tensor.shape)}, expected {shape}")
             thumb = make_thumbnail(img, self.thumb_px) if self.thumb_px else None
-            return index, True, tensors, thumb, size, None
+            return ProbeRow(index, True, tensors, thumb, size, None)
         except Exception as exc:
             reason = exc.reason if isinstance(exc, BadImage) else f"{_brief(exc)}"
             zeros = [torch.zeros(shape) for shape in self.shapes]
-            return index, False, zeros, None, size, reason
+            return ProbeRow(index, False, zeros, None, size, reason)
 
 
-def _collate(rows: list[tuple]) -> Batch:
+class ProbeRow(NamedTuple):
+    """One decoded image as ``ProbeDataset`` gives it (failed images: zero tensors and a reason)."""
+
+    index: int
+    ok: bool
+    tensors: list[torch.Tensor]  # one per transform
+    thumbnail: bytes | None
+    size: tuple[int, int] | None  # original (width, height)
+    error: str | None
+
+
+def _collate(rows: list[ProbeRow]) -> Batch:
     return Batch(
-        indices=torch.tensor([r[0] for r in rows], dtype=torch.long),
-        ok=torch.tensor([r[1] for r in rows], dtype=torch.bool),
-        inputs=[torch.stack([r[2][t] for r in rows]) for t in range(len(rows[0][2]))],
-        thumbnails=[r[3] for r in rows],
-        sizes=[tuple(r[4]) if r[4] is not None else None for r in rows],
-        errors=[r[5] for r in rows],
+        indices=torch.tensor([r.index for r in rows], dtype=torch.long),
+        ok=torch.tensor([r.ok for r in rows], dtype=torch.bool),
+        inputs=[torch.stack([r.tensors[t] for r in rows]) for t in range(len(rows[0].tensors))],
+        thumbnails=[r.thumbnail for r in rows],
+        sizes=[tuple(r.size) if r.size is not None else None for r in rows],
+        errors=[r.error for r in rows],
     )
 
 
@@ -579,14 +673,18 @@ def iter_batches(
     batch_size: int,
     workers: int,
     thumbnail_px: int = 96,
+    start: int = 0,
 ) -> Iterator[Batch]:
-    """Batches in probe order; workers=0 decodes in-process. Failed images give ok=False rows."""
+    """Batches in probe order from image ``start`` on; workers=0 decodes in-process. Failed
+    images give ok=False rows."""
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
     if workers < 0:
         raise UserError("workers must be 0 or more")
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
-    dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    dataset: torch.utils.data.Dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    if start:
+        dataset = torch.utils.data.Subset(dataset, range(start, len(probe)))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -600,15 +698,12 @@ def iter_batches(
         yield from loader
         return
     # In-process: per-image tensor ops are too small for intra-op threads, which only contend
-    # (several times slower on a busy machine); the caller's forward gets its threads back.
+    # (several times slower on a busy machine). This thread alone runs on one thread while it
+    # decodes; the caller's forward gets its threads back, and no other thread is touched.
     batches = iter(loader)
     while True:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            batch = next(batches)
-        except StopIteration:
+        with one_intraop_thread():
+            batch = next(batches, None)
+        if batch is None:
             return
-        finally:
-            torch.set_num_threads(threads)
         yield batch

@@ -20,29 +20,19 @@ log is taken per group: with Q = E/s (E = exp(a·P − rowmax), s = ΣE),
 
 so a group's product Π(E + c_r·s) stays inside float range for a group size chosen from the
 bounds of its factors, and the Σ log(p_r/s) part is a per-neuron constant. WPMI is the same with
-p_r = 1 and c_r = ε. On CPU the grouped products run in a small C loop
-compiled once per machine with the system compiler (one memory pass instead of eager torch's
-three); without a compiler, on GPU, or with DISSECT_TUI_NO_KERNEL=1 eager torch computes the
-same numbers. When log p(t|B_k) for all neurons × all concepts does not fit the memory
+p_r = 1 and c_r = ε. On CPU the grouped products run in a small C loop (``cpu_kernel.py``:
+the plan, the kernel compiled once per machine into a private cache folder, and the eager torch
+path); without a compiler, on GPU, or with DISSECT_TUI_NO_KERNEL=1 eager torch computes the same
+numbers, and the run records which path ran (``runs.settings.scoring_path``). When log p(t|B_k) for all neurons × all concepts does not fit the memory
 budget, a first pass computes ``image_lse`` and the rest runs in concept chunks over only the
 images that are in some neuron's top list (Q = exp(a·P − lse) is then exact per chunk).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +40,9 @@ from torch import Tensor
 
 from . import similarity as sim
 from .activation_stats import LayerStats
+from .cpu_kernel import feed as _feed
+from .cpu_kernel import kernel as _kernel  # noqa: F401 - tests and benchmarks check which path runs
+from .cpu_kernel import plan_blocks as _plan_blocks
 from .errors import UserError
 from .methods import get_method, validate
 from .similarity import top_images
@@ -344,80 +337,6 @@ def _group_size(c_lo: float, c_hi: float, M: int, dtype: torch.dtype) -> int:
     return int(max(1, min(32, math.floor(g))))
 
 
-@dataclass
-class _Plan:
-    """Slots of one row block arranged for grouped products (see pmi_pass)."""
-
-    group_neuron: Tensor  # [G] global neuron id of each group, groups sorted by size descending
-    member_rows: list[Tensor]  # member m: local row of the m-th factor of the first len(..) groups
-    member_slots: list[Tensor]  # member m: slot ids (for the per-slot constant c_r)
-    # The same groups as CSR for the compiled kernel, groups sorted by neuron:
-    csr_start: Tensor  # [G + 1] offsets into csr_slots
-    csr_slots: Tensor  # slot ids, group after group
-    csr_rows: Tensor  # local row of each of those slots
-    csr_neuron: Tensor  # [G]
-
-
-def _plan_blocks(
-    slot_neuron: Tensor, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
-) -> list[_Plan]:
-    """Group each neuron's slots within each row block into groups of ≤ g, sorted by size."""
-    dev = slot_neuron.device
-    S = slot_neuron.numel()
-    K = int(slot_neuron.max()) + 1 if S else 1
-    blk = slot_row // block_rows
-    order = torch.argsort(blk * K + slot_neuron, stable=True)
-    s_blk, s_neu = blk[order], slot_neuron[order]
-    seg_key = s_blk * K + s_neu
-    new_seg = torch.ones(S, dtype=torch.bool, device=dev)
-    new_seg[1:] = seg_key[1:] != seg_key[:-1]
-    seg_start = torch.nonzero(new_seg).flatten()
-    seg_id = torch.cumsum(new_seg.long(), 0) - 1
-    j = torch.arange(S, device=dev) - seg_start[seg_id]
-    member = j % g
-    new_grp = member == 0
-    grp_id = torch.cumsum(new_grp.long(), 0) - 1
-    G = int(grp_id[-1]) + 1 if S else 0
-    grp_size = torch.bincount(grp_id, minlength=G)
-    grp_blk = s_blk[new_grp]
-    grp_neu = s_neu[new_grp]
-    # Within a block, bigger groups first, so groups with an m-th member form a prefix.
-    grp_order = torch.argsort(grp_blk * (g + 1) + (g - grp_size), stable=True)
-    grp_rank = torch.empty_like(grp_order)
-    grp_rank[grp_order] = torch.arange(G, device=dev)
-    key = (s_blk * g + member) * max(G, 1) + grp_rank[grp_id]
-    order2 = torch.argsort(key, stable=True)
-    slots_sorted = order[order2]
-    counts = torch.bincount(s_blk * g + member, minlength=n_blocks * g).view(n_blocks, g).tolist()
-    grp_counts = torch.bincount(grp_blk, minlength=n_blocks).tolist()
-    slot_counts = torch.bincount(s_blk, minlength=n_blocks).tolist()
-    grp_first = torch.nonzero(new_grp).flatten()  # position of each group's first slot in `order`
-    plans = []
-    pos = 0
-    gpos = 0
-    spos = 0
-    for b in range(n_blocks):
-        g0, g1 = gpos, gpos + grp_counts[b]
-        csr_start = torch.cat([grp_first[g0:g1], torch.tensor([spos + slot_counts[b]], device=dev)]) - spos
-        csr_slots = order[spos : spos + slot_counts[b]]
-        csr = (csr_start, csr_slots, slot_row[csr_slots] - b * block_rows, grp_neu[g0:g1])
-        spos += slot_counts[b]
-        rows, slots = [], []
-        for m in range(g):
-            c = counts[b][m]
-            if c == 0:
-                break
-            sl = slots_sorted[pos : pos + c]
-            slots.append(sl)
-            rows.append(slot_row[sl] - b * block_rows)
-            pos += c
-        pos += sum(counts[b][len(rows) :])
-        gn = grp_neu[grp_order[gpos : gpos + grp_counts[b]]]
-        gpos += grp_counts[b]
-        plans.append(_Plan(gn, rows, slots, *csr))
-    return plans
-
-
 def pmi_pass(
     tops: Sequence[Tensor],
     image_emb: Tensor,
@@ -553,193 +472,3 @@ def pmi_pass(
         finish(acc, m0)
         del acc
     return lse
-
-
-def _feed(
-    E: Tensor,
-    plan: _Plan,
-    slot_rank: Tensor,
-    c: Tensor,
-    s: Tensor | None,
-    acc: Tensor,
-    buf: Tensor,
-    tmp: Tensor,
-) -> None:
-    """acc[neuron] += log Π_group (E[row] + c_r·s_row) for every group of this row block."""
-    G = plan.group_neuron.numel()
-    if G == 0:
-        return
-    kern = _kernel(E.dtype) if E.device.type == "cpu" else None
-    if kern is not None:
-        off = c[slot_rank[plan.csr_slots]]
-        if s is not None:
-            off = off * s[plan.csr_rows]
-        _run_kernel(kern, E, acc, plan.csr_start, plan.csr_rows, off.contiguous(), plan.csr_neuron)
-        return
-    gs = buf.shape[0]
-    offs = []
-    for m in range(len(plan.member_rows)):
-        sl = plan.member_slots[m]
-        off = c[slot_rank[sl]]
-        if s is not None:
-            off = off * s[plan.member_rows[m]]
-        offs.append(off)
-    for g0 in range(0, G, gs):
-        g1 = min(G, g0 + gs)
-        out = buf[: g1 - g0]
-        for m, rows in enumerate(plan.member_rows):
-            k = min(rows.numel(), g1) - g0
-            if k <= 0:
-                break
-            if m == 0:
-                torch.index_select(E, 0, rows[g0 : g0 + k], out=out[:k])
-                out[:k].add_(offs[m][g0 : g0 + k, None])
-            else:
-                t = tmp[:k]
-                torch.index_select(E, 0, rows[g0 : g0 + k], out=t)
-                t.add_(offs[m][g0 : g0 + k, None])
-                out[:k].mul_(t)
-        out.log_()
-        acc.index_add_(0, plan.group_neuron[g0:g1], out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Compiled kernel for the grouped products (CPU). Eager torch needs three memory passes per
-# term (gather, add, multiply) plus a scatter-add per group; this loop does one. It is built once
-# per machine with the system C compiler into a user cache directory and loaded with ctypes
-# (which releases the GIL, so threads can split the neurons). Without a compiler, or with
-# DISSECT_TUI_NO_KERNEL=1, the eager path above gives the same numbers.
-
-_KERNEL_SRC = r"""
-#include <math.h>
-#include <stdint.h>
-#define TILE 1024
-#define FEED(NAME, T, LOG)                                                                       \
-void NAME(const T* E, int64_t ldE, int64_t M, int64_t G, const int64_t* gstart,                  \
-          const int64_t* rows, const T* offs, const int64_t* gneuron, T* acc, int64_t ldA) {     \
-  T s[TILE] __attribute__((aligned(64)));                                                        \
-  for (int64_t g = 0; g < G; ++g) {                                                              \
-    T* a = acc + gneuron[g] * ldA;                                                               \
-    int64_t j0 = gstart[g], j1 = gstart[g + 1];                                                  \
-    for (int64_t m0 = 0; m0 < M; m0 += TILE) {                                                   \
-      int64_t mt = M - m0 < TILE ? M - m0 : TILE;                                                \
-      const T* e0 = E + rows[j0] * ldE + m0;                                                     \
-      T o0 = offs[j0];                                                                           \
-      for (int64_t m = 0; m < mt; ++m) s[m] = e0[m] + o0;                                        \
-      for (int64_t j = j0 + 1; j < j1; ++j) {                                                    \
-        const T* e = E + rows[j] * ldE + m0;                                                     \
-        T o = offs[j];                                                                           \
-        for (int64_t m = 0; m < mt; ++m) s[m] *= e[m] + o;                                       \
-      }                                                                                          \
-      T* am = a + m0;                                                                            \
-      for (int64_t m = 0; m < mt; ++m) am[m] += LOG(s[m]);                                       \
-    }                                                                                            \
-  }                                                                                              \
-}
-FEED(feed_f32, float, logf)
-FEED(feed_f64, double, log)
-"""
-
-_kernels: dict[str, object] = {}
-
-
-def _kernel(dtype: torch.dtype):
-    """The compiled feed function for float32/float64, or None when it cannot be built."""
-    name = {torch.float32: "feed_f32", torch.float64: "feed_f64"}.get(dtype)
-    if name is None or os.environ.get("DISSECT_TUI_NO_KERNEL"):
-        return None
-    if "lib" not in _kernels:
-        _kernels["lib"] = _build_kernel()
-    lib = _kernels["lib"]
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    P, I64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [P, I64, I64, I64, P, P, P, P, P, I64]
-    fn.restype = None
-    return fn
-
-
-def _build_kernel():
-    try:
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if cc is None or sys.platform == "win32":
-            return None
-        # -march=native code must never be loaded on another CPU (a shared home directory).
-        digest = hashlib.sha256((_KERNEL_SRC + platform.machine() + _cpu_id()).encode()).hexdigest()[:16]
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect-tui" / "kernels"
-        so = root / f"pmi_{digest}.so"
-        if not so.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                src = Path(tmp) / "pmi.c"
-                src.write_text(_KERNEL_SRC)
-                out = Path(tmp) / so.name
-                flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
-                # 256-bit vectors (and 8-wide vector logf) are ~15% faster here, but gcc's tuning
-                # for some CPUs (znver1) picks 128; compilers without the option get the default.
-                for extra in (["-mprefer-vector-width=256"], []):
-                    try:
-                        subprocess.run(
-                            [cc, *flags, *extra, "-o", str(out), str(src), "-lm"],
-                            check=True,
-                            capture_output=True,
-                            timeout=120,
-                        )
-                        break
-                    except subprocess.CalledProcessError:
-                        if not extra:
-                            raise
-                os.replace(out, so)  # atomic: concurrent builders never load a half-written file
-        return ctypes.CDLL(str(so))
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_id() -> str:
-    """The CPU model and feature flags (Linux), or the host name where /proc is not there."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.node()
-
-
-def _run_kernel(fn, E: Tensor, acc: Tensor, start: Tensor, rows: Tensor, off: Tensor, neuron: Tensor) -> None:
-    """Split the groups into contiguous runs of whole neurons, one per thread (no shared acc rows)."""
-    G = neuron.numel()
-    M = E.shape[1]
-    start, rows, neuron = start.contiguous(), rows.contiguous(), neuron.contiguous()
-    n_threads = max(1, min(torch.get_num_threads(), G // 64 or 1))
-    cuts = [0]
-    for t in range(1, n_threads):
-        i = max(cuts[-1], G * t // n_threads)
-        while 0 < i < G and neuron[i] == neuron[i - 1]:
-            i += 1
-        cuts.append(i)
-    cuts.append(G)
-
-    def part(g0: int, g1: int) -> None:
-        if g1 > g0:
-            fn(
-                E.data_ptr(),
-                E.stride(0),
-                M,
-                g1 - g0,
-                start.data_ptr() + g0 * 8,
-                rows.data_ptr(),
-                off.data_ptr(),
-                neuron.data_ptr() + g0 * 8,
-                acc.data_ptr(),
-                acc.stride(0),
-            )
-
-    if n_threads == 1:
-        part(0, G)
-        return
-    threads = [threading.Thread(target=part, args=(cuts[i], cuts[i + 1])) for i in range(n_threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()

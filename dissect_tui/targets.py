@@ -27,15 +27,18 @@ Default layers:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import pickle
 import sys
+import threading
 import urllib.parse
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +49,10 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
+from dissect_tui import compat
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.userfiles import non_regular_kind
 from dissect_tui.weights_init import skipped_weight_init
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,6 +63,8 @@ _RANDOM_INIT_SEED = 0
 # Wrapper keys seen in training checkpoints ({"state_dict": ...} from Places365 / Lightning).
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel and torch.compile
+# Models that warn (FutureWarning) unless init_weights is given when built without weights.
+_INIT_WEIGHTS_MODELS = frozenset({"googlenet", "inception_v3"})
 
 
 def _brief(exc: BaseException, limit: int = 240) -> str:
@@ -79,14 +86,20 @@ class Target:
 
 
 def imagenet_preprocess() -> Callable[[Image.Image], torch.Tensor]:
-    """Standard ImageNet evaluation preprocessing (picklable, for DataLoader workers)."""
-    return T.Compose(
+    """Standard ImageNet evaluation preprocessing (picklable, for DataLoader workers); carries its
+    parameters for the device decode path (``fast_decode.with_tensor_ops``)."""
+    from dissect_tui.fast_decode import with_tensor_ops
+
+    transform = T.Compose(
         [
             T.Resize(256, interpolation=T.InterpolationMode.BILINEAR),
             T.CenterCrop(224),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
+    )
+    return with_tensor_ops(
+        transform, resize=256, interpolation="bilinear", crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
 
 
@@ -126,11 +139,17 @@ def _looks_like_file(weights: str) -> bool:
 
 def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
     """Random init with a fixed seed, so `--weights none` gives the same network every run."""
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # googlenet / inception_v3 warn about their init scheme on every build
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
         return build()
+
+
+def _random_model(name: str, **kwargs: Any) -> nn.Module:
+    """``get_model(name, weights=None)``; googlenet / inception_v3 get their (current) default
+    init scheme named, which is what keeps them from warning on every build."""
+    if name in _INIT_WEIGHTS_MODELS:
+        kwargs.setdefault("init_weights", True)
+    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 def check_target_spec(spec: str, weights: str | None = None) -> None:
@@ -166,9 +185,8 @@ def _torchvision_name(spec: str) -> str:
 
 def _load_torchvision(spec: str, weights: str | None) -> Target:
     name = _torchvision_name(spec)
-    tv = torchvision.models
     if _is_none_weights(weights):
-        model = _seeded_build(lambda: tv.get_model(name, weights=None))
+        model = _seeded_build(lambda: _random_model(name))
         preprocess, recorded = imagenet_preprocess(), "none"
     elif weights is not None and _looks_like_file(weights):
         path = _existing_file(weights)
@@ -218,18 +236,22 @@ def _download_build(name: str, enum_member: Any) -> nn.Module:
     host = urllib.parse.urlparse(url).hostname
     if host and not cached.exists() and not can_reach(host):
         raise offline(f"{host} cannot be reached")  # before torch.hub prints "Downloading: ..."
+    if cached.exists() and (problem := compat.checkpoint_format_problem(cached)) is not None:
+        raise UserError(
+            f"cached weights file {cached} is unusable: {problem}; delete it and retry, "
+            f"or pass --weights path/to/{file_name}"
+        )
     try:
-        with warnings.catch_warnings(), skipped_weight_init():  # torchvision loads strictly
-            warnings.simplefilter("ignore", FutureWarning)
+        with skipped_weight_init():  # torchvision loads strictly
             return torchvision.models.get_model(name, weights=enum_member)
     except OSError as exc:  # URLError, socket errors, timeouts, disk full
         raise offline(getattr(exc, "reason", None) or exc) from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
         if cached.exists():
             raise UserError(
-                f"cached weights file {cached} is unreadable or corrupt ({_brief(exc)}); delete it and retry, "
-                f"or pass --weights path/to/{file_name}"
-            ) from exc
+                f"cached weights file {cached} is unusable: {compat.checkpoint_problem(exc)}; delete it "
+                f"and retry, or pass --weights path/to/{file_name}"
+            ) from None
         raise
 
 
@@ -242,6 +264,8 @@ def _existing_file(weights: str) -> Path:
         raise UserError(
             f"--weights {weights} is a folder: give the state-dict file (.pth/.pt/.safetensors) in it"
         )
+    if (kind := non_regular_kind(path)) is not None:
+        raise UserError(f"--weights {weights} is {kind}, not a regular file")
     if not path.is_file():
         raise UserError(f"weights file not found: {weights}")
     return path.resolve()
@@ -249,6 +273,9 @@ def _existing_file(weights: str) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict, unwrap {"state_dict": ...}/{"model": ...}, strip module. prefixes."""
+    problem = compat.checkpoint_format_problem(path)
+    if problem is not None:
+        raise UserError(f"cannot read weights file {path}: {problem}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -258,13 +285,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" not in str(exc).lower():  # not a class refused by weights_only
-            raise UserError(f"cannot read weights file {path}: not a PyTorch checkpoint") from exc
+            raise UserError(f"cannot read weights file {path}: {compat.checkpoint_problem(exc)}") from None
         raise UserError(
             f"{path} holds pickled Python objects, not just tensors (a whole saved model?); "
             "save model.state_dict() with torch.save and pass that file"
-        ) from exc
-    except Exception as exc:  # corrupt zip, not a torch file, wrong safetensors header
-        raise UserError(f"cannot read weights file {path}: {_brief(exc)}") from exc
+        ) from None
+    except Exception as exc:  # corrupt zip, wrong safetensors header
+        raise UserError(f"cannot read weights file {path}: {compat.checkpoint_problem(exc)}") from None
     for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
         if isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
             inner = next((raw[k] for k in _WRAPPER_KEYS if isinstance(raw.get(k), dict)), None)
@@ -297,13 +324,13 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
 def _fit_torchvision_model(name: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """Build `name` for `state`, resizing the classifier when the file has another class count."""
     with skipped_weight_init():  # _load_checked overwrites every weight or refuses the file
-        model = torchvision.models.get_model(name, weights=None)
+        model = _random_model(name)
         head = _last_linear(model)
         if head is not None:
             file_w = state.get(f"{head[0]}.weight")
             if file_w is not None and file_w.ndim == 2 and file_w.shape[0] != head[1].out_features:
                 classes = int(file_w.shape[0])  # e.g. 365 for the Places365 ResNet-18
-                model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+                model = _random_model(name, num_classes=classes)
     _load_checked(model, state, path, name)
     return model
 
@@ -392,6 +419,8 @@ def _import_location(location: str) -> Any:
         if not is_file:
             return importlib.import_module(location)
         path = Path(location).expanduser().resolve()
+        if (kind := non_regular_kind(path)) is not None:
+            raise UserError(f"model file {location} is {kind}, not a regular file")
         if not path.is_file():
             raise UserError(f"model file not found: {location}")
         mod_name = f"dissect_tui_user_{path.stem}_{abs(hash(str(path))) % 10**8}"
@@ -399,18 +428,56 @@ def _import_location(location: str) -> Any:
         if module_spec is None or module_spec.loader is None:
             raise UserError(f"cannot import {location}: not a Python file")
         module = importlib.util.module_from_spec(module_spec)
-        # registered so pickle finds its functions (DataLoader workers) and siblings import
+        # registered so pickle finds its functions (DataLoader workers)
         sys.modules[mod_name] = module
-        sys.path.insert(0, str(path.parent))
         try:
-            module_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.parent))
+            with _sibling_imports(path.parent):
+                module_spec.loader.exec_module(module)
+        except BaseException:
+            if sys.modules.get(mod_name) is module:
+                del sys.modules[mod_name]
+            raise
         return module
     except UserError:
         raise
     except Exception as exc:  # SyntaxError, ImportError, anything the file raises at import
         raise UserError(f"importing {location} failed: {_brief(exc)}") from exc
+
+
+class _FolderFinder(importlib.abc.MetaPathFinder):
+    """Top-level imports from one folder, for one thread: a sys.path entry no other thread sees."""
+
+    def __init__(self, folder: Path, thread: int) -> None:
+        self.thread = thread
+        self.finder = importlib.machinery.FileFinder(
+            str(folder),
+            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+            (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+        )
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None or threading.get_ident() != self.thread:
+            return None  # submodules go through their package; other threads see nothing
+        return self.finder.find_spec(fullname, target)
+
+
+@contextlib.contextmanager
+def _sibling_imports(folder: Path) -> Iterator[None]:
+    """Within: this thread's imports find modules next to a model file (``import helpers``) first,
+    as if the folder led sys.path, which itself is never changed."""
+    finder = _FolderFinder(folder, threading.get_ident())
+    at = next(
+        (i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder), len(sys.meta_path)
+    )
+    sys.meta_path.insert(at, finder)
+    try:
+        yield
+    finally:
+        for i, f in enumerate(sys.meta_path):
+            if f is finder:
+                del sys.meta_path[i]
+                break
 
 
 def _check_preprocess(preprocess: Callable[[Image.Image], torch.Tensor], spec: str) -> None:

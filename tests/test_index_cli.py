@@ -546,3 +546,11 @@ def test_embeddings_from_refuses_another_probe_and_missing_concepts(workspace, t
     assert rc == 0
     with open_cache(tmp_path / "y.duckdb") as r:
         assert r.run()["n_concepts"] == len(load_concepts("3k").texts)
+
+
+def test_the_run_records_which_scoring_path_and_decoder_ran(workspace):
+    from dissect_tui.cpu_kernel import active_path
+
+    with open_cache(workspace["db"]) as r:
+        settings = r.run()["settings"]
+    assert settings["scoring_path"] == active_path("cpu") and settings["decode_used"] == "cpu"

@@ -407,18 +407,3 @@ def test_batch_pin_memory_is_used_by_the_loader(monkeypatch):
     out = pin_memory(batch)
     assert isinstance(out, probe_mod.Batch) and len(pinned) == 3
     assert torch.equal(out.inputs[0], batch.inputs[0]) and out.errors == batch.errors
-
-
-def test_in_process_decoding_uses_one_thread_and_restores(tmp_path, monkeypatch):
-    probe = resolve_probe(["synthetic:4"], tmp_path)
-    calls = []
-    original = probe.open_with_size
-    monkeypatch.setattr(probe, "open_with_size", lambda i: calls.append(("decode", i)) or original(i))
-    before = torch.get_num_threads()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # pretend the caller runs 3 threads
-    real_set = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real_set(min(n, before)))
-    for _batch in iter_batches(probe, [tiny_preprocess()], 2, 0):
-        assert calls[-1] == 3  # the consumer's forward gets its threads back
-    # every decode happens between a set(1) and the set(3) that restores
-    assert calls == [1, ("decode", 0), ("decode", 1), 3, 1, ("decode", 2), ("decode", 3), 3, 1, 3]
