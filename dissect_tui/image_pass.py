@@ -3,32 +3,83 @@
 One pass over the probe yields, per decodable image, the pooled activations of every recorded
 layer and the CLIP image embedding; per listed image, its size, its decode error and a small
 thumbnail. A batch that does not fit the device is split in halves until it does.
+
+Memory does not grow with images × neurons: activations leave for the cache in chunks of about
+``CHUNK_BYTES`` as they are produced (``ActivationSink``), and each layer keeps only what scoring
+needs (``activation_stats.LayerStatsBuilder``: top images, and for cos two running sums).
+Thumbnails wait in an unlinked temporary file until the top images are known. What may grow
+with N: the image embeddings (N × D) and the per-image sizes and errors.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
 
+from dissect_tui.activation_stats import LayerStats, LayerStatsBuilder
 from dissect_tui.errors import UserError
 from dissect_tui.progress import ProgressSink
 from dissect_tui.runtime import autocast, empty_cache, is_out_of_memory
 
+CHUNK_BYTES = 32 << 20  # activations handed to the sink at a time, per layer
+
+
+class ActivationSink(Protocol):
+    def __call__(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None: ...
+
+
+class ThumbnailSpool:
+    """Small JPEGs of every decoded image, in an unlinked temporary file (nothing is left behind,
+    even after SIGKILL); only those of some neuron's top images are read back at the end."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._file: BinaryIO = tempfile.TemporaryFile(dir=folder, prefix=".dissect-tui-thumbs-")
+        self._where: dict[int, tuple[int, int]] = {}
+        self._end = 0
+
+    def add(self, image_id: int, jpeg: bytes) -> None:
+        self._file.seek(self._end)
+        self._file.write(jpeg)
+        self._where[image_id] = (self._end, len(jpeg))
+        self._end += len(jpeg)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def read(self, image_ids: Iterable[int]) -> dict[int, bytes]:
+        out = {}
+        for i in sorted(set(image_ids)):
+            if i in self._where:
+                offset, size = self._where[i]
+                self._file.seek(offset)
+                out[i] = self._file.read(size)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
 
 @dataclass
 class ImagePass:
-    """What the images stage produced. Tensors stay on the device until scoring and writing."""
+    """What the images stage produced. Embeddings stay on the device until scoring and writing."""
 
     n_listed: int
     ok_ids: np.ndarray  # [N] image ids (positions in the probe) that decoded, ascending
-    acts: dict[str, torch.Tensor]  # layer -> [N, K] float32
+    stats: dict[str, LayerStats]  # per layer: what scoring needs (top images, sums)
+    n_units: dict[str, int]
     image_emb: torch.Tensor  # [N, D] float32, unit length
     sizes: list[tuple[int, int] | None]  # per listed image
     errors: list[str | None]  # per listed image, None when it decoded
-    thumbnails: dict[int, bytes] = field(default_factory=dict)
+    thumbnails: ThumbnailSpool | None = None
     layer_shapes: dict[str, str] = field(default_factory=dict)  # raw module output shape per layer
 
     @property
@@ -54,9 +105,8 @@ def _forward(
         with autocast(device, precision):
             model(x_t)
         out = {k: v.float() for k, v in recorder.pop().items()}
-        return out, clip_model.encode_images(x_c) if clip_model is not None else x_t.new_empty(
-            x_t.shape[0], 0
-        )
+        emb = clip_model.encode_images(x_c) if clip_model is not None else x_t.new_empty(x_t.shape[0], 0)
+        return out, emb
     except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -71,9 +121,34 @@ def _forward(
         return {k: torch.cat([a1[k], a2[k]]) for k in a1}, torch.cat([e1, e2])
 
 
+class _ChunkedWriter:
+    """Collects each layer's activations and hands them to the sink ~CHUNK_BYTES at a time."""
+
+    def __init__(self, sink: ActivationSink | None) -> None:
+        self.sink = sink
+        self.pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.bytes: dict[str, int] = {}
+
+    def add(self, layer: str, ids: np.ndarray, acts: torch.Tensor) -> None:
+        if self.sink is None:
+            return
+        arr = acts.cpu().numpy()
+        self.pending.setdefault(layer, []).append((ids, arr))
+        self.bytes[layer] = self.bytes.get(layer, 0) + arr.nbytes
+        if self.bytes[layer] >= CHUNK_BYTES:
+            self.flush(layer)
+
+    def flush(self, layer: str | None = None) -> None:
+        for name in [layer] if layer is not None else list(self.pending):
+            parts = self.pending.pop(name, [])
+            self.bytes[name] = 0
+            if parts and self.sink is not None:
+                self.sink(name, np.concatenate([i for i, _ in parts]), np.concatenate([a for _, a in parts]))
+
+
 def record_images(
     probe: Any,
-    batches: Any,
+    batches: Iterable[Any],
     model: torch.nn.Module,
     layers: list[str],
     pool: str,
@@ -81,31 +156,38 @@ def record_images(
     device: torch.device,
     precision: str,
     progress: ProgressSink,
+    *,
+    builder: Callable[[str, int, int], LayerStatsBuilder],
+    sink: ActivationSink | None = None,
+    thumbnails: ThumbnailSpool | None = None,
+    embeddings_of: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> ImagePass:
     """Run the target (with hooks on ``layers``) and CLIP's image tower over ``batches``.
 
     ``batches`` yields probe.Batch objects of ``probe`` whose ``inputs`` are (target input, CLIP input),
     or only the target input when ``clip_model`` is None (embeddings come from elsewhere; the result's
-    ``image_emb`` then has no columns).
+    ``image_emb`` then has no columns, and ``embeddings_of(image_ids)`` supplies the embeddings of
+    each batch). ``builder(layer, n_units, embed_dim)`` makes each layer's stats builder once the
+    widths are known; ``sink`` receives the activations in chunks, in the order of the batches.
     """
-    n_listed = len(probe)
     from dissect_tui.targets import LayerRecorder
 
-    acts_chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    n_listed = len(probe)
+    builders: dict[str, LayerStatsBuilder] = {}
+    chunks = _ChunkedWriter(sink)
     emb_chunks: list[torch.Tensor] = []
     ok_chunks: list[torch.Tensor] = []
-    result = ImagePass(
-        n_listed, np.empty(0, np.int64), {}, torch.empty(0), [None] * n_listed, [None] * n_listed
-    )
+    sizes: list[tuple[int, int] | None] = [None] * n_listed
+    errors: list[str | None] = [None] * n_listed
     progress.start("images", n_listed, "img")
     with LayerRecorder(model, layers, pool=pool) as recorder, torch.inference_mode():
         for batch in batches:
             ids = batch.indices
             for j, i in enumerate(ids.tolist()):
-                result.sizes[i] = batch.sizes[j]
-                result.errors[i] = batch.errors[j]
-                if batch.thumbnails[j] is not None:
-                    result.thumbnails[i] = batch.thumbnails[j]
+                sizes[i] = batch.sizes[j]
+                errors[i] = batch.errors[j]
+                if thumbnails is not None and batch.thumbnails[j] is not None:
+                    thumbnails.add(i, batch.thumbnails[j])
             ok = batch.ok
             if bool(ok.any()):
                 x_t, x_c = batch.inputs[0], batch.inputs[-1]
@@ -117,24 +199,32 @@ def record_images(
                 if device.type == "cuda":
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 acts, emb = _forward(model, recorder, clip_model, device, precision, progress, x_t, x_c)
+                ok_ids = ids[ok].numpy()
+                emb = emb.float() if embeddings_of is None else embeddings_of(ok_ids).to(device)
                 for layer in layers:
-                    acts_chunks[layer].append(acts[layer])
-                emb_chunks.append(emb.float())
+                    a = acts[layer]
+                    if layer not in builders:
+                        builders[layer] = builder(layer, a.shape[1], emb.shape[1])
+                    builders[layer].add(ok_ids, a, emb if builders[layer].cross is not None else None)
+                    chunks.add(layer, ok_ids, a)
+                emb_chunks.append(emb)
                 ok_chunks.append(ids[ok])
             progress.advance("images", len(ids))
+        chunks.flush()
         shapes = dict(recorder.output_shapes)
     progress.finish("images")
-    if ok_chunks:
-        result.ok_ids = torch.cat(ok_chunks).numpy()
-    n_ok = len(result.ok_ids)
-    if n_ok == 0:
-        (path, error), *_ = result.failed([it.path for it in probe]) or [("-", "no image listed")]
-        raise UserError(f"none of the {n_listed} probe images could be decoded (first: {path}: {error})")
-    if n_ok < 2:
+    ok_all = torch.cat(ok_chunks).numpy() if ok_chunks else np.empty(0, dtype=np.int64)
+    if len(ok_all) == 0:
+        failed = [(probe[i].path, e) for i, e in enumerate(errors) if e] or [("-", "no image listed")]
+        raise UserError(
+            f"none of the {n_listed} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})"
+        )
+    if len(ok_all) < 2:
         raise UserError("at least 2 decodable probe images are needed")
-    result.acts = {layer: torch.cat(acts_chunks.pop(layer)) for layer in layers}
-    result.image_emb = torch.cat(emb_chunks)
+    stats = {layer: builders[layer].finish() for layer in layers}
+    n_units = {layer: stats[layer].n_units for layer in layers}
+    result = ImagePass(n_listed, ok_all, stats, n_units, torch.cat(emb_chunks), sizes, errors, thumbnails)
     for layer in layers:
         raw = shapes.get(layer)
-        result.layer_shapes[layer] = str(list(raw if raw is not None else result.acts[layer].shape[1:]))
+        result.layer_shapes[layer] = str(list(raw if raw is not None else [n_units[layer]]))
     return result

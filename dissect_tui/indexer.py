@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from dissect_tui import scoring
+from dissect_tui.activation_stats import LayerStats, LayerStatsBuilder
 from dissect_tui.concepts import ConceptSet, load_concepts
 from dissect_tui.embedding_source import EmbeddingSource, open_embedding_source
 from dissect_tui.errors import CacheError, UserError
-from dissect_tui.image_pass import ImagePass, record_images
+from dissect_tui.image_pass import ImagePass, ThumbnailSpool, record_images
 from dissect_tui.methods import get_method
 from dissect_tui.progress import NullProgress, ProgressSink, StageClock
 from dissect_tui.runtime import device_label, resolve_device, resolve_precision
@@ -193,13 +194,14 @@ def image_concept_summary(
 
 
 def score_run(
-    acts: Mapping[str, torch.Tensor],
+    acts: Mapping[str, torch.Tensor | LayerStats],
     image_emb: torch.Tensor,
     concept_emb: torch.Tensor,
     similarity: str,
     hp: dict[str, Any],
     top_concepts: int,
     progress: ProgressSink,
+    image_ids: np.ndarray | None = None,
 ) -> RunScores:
     """All layers in one call: wpmi/soft_wpmi then share a single pass over the images' P rows,
     which also yields every image's best concepts and softmax normaliser."""
@@ -212,6 +214,7 @@ def score_run(
         top_concepts=min(top_concepts, concept_emb.shape[0]),
         on_progress=lambda done, total: progress.update("scoring", done, total),
         image_top=IMAGE_CONCEPTS_TOP,
+        image_ids=image_ids,
         **hp,
     )
     progress.finish("scoring")
@@ -376,12 +379,77 @@ def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any, clock: Stage
     )
 
 
-def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> tuple[ImagePass, str]:
-    """The images stage, and how images were decoded ("cpu", "gpu", "gpu, then cpu" …)."""
+def stats_builder(
+    similarity: str, hp: Mapping[str, Any], n_images: int, device: torch.device, keep: int = 1
+) -> Callable[[str, int, int], LayerStatsBuilder]:
+    """How much of each layer is kept instead of its activations: ``keep`` top images (what the
+    cache stores), what the method reads (wpmi/soft_wpmi: top_k; rank_reorder: top_fraction of
+    the images), and Σa·I and Σa² for cos. ``n_images``: an upper bound of the images scored."""
+    n_keep = keep
+    if get_method(similarity).uses_softmax:
+        n_keep = max(n_keep, min(int(hp["top_k"]), n_images))
+    elif similarity == "rank_reorder":
+        n_keep = max(n_keep, max(2, int(n_images * float(hp["top_fraction"]))))
+    n_keep = min(n_keep, max(1, n_images))
+    cross = similarity == "cos"
+
+    def make(layer: str, n_units: int, embed_dim: int) -> LayerStatsBuilder:
+        return LayerStatsBuilder(n_units, n_keep, embed_dim=embed_dim if cross else None, device=device)
+
+    return make
+
+
+LARGE_CACHE_BYTES = 256 << 20  # from this size on the expected size is announced
+
+
+def expected_activation_bytes(n_images: int, n_neurons: int) -> int:
+    """Activations dominate a cache: 4 bytes per image and neuron, plus DuckDB's ~4 % of overhead
+    (measured by bench/bench_scale.py)."""
+    return int(n_images * n_neurons * 4 * 1.04)
+
+
+def check_space(folder: Path, n_images: int, n_neurons: int, clock: StageClock) -> None:
+    """Announce a large cache and refuse one that cannot fit on the disk, before it is written."""
+    import shutil
+
+    need = expected_activation_bytes(n_images, n_neurons)
+    if need < LARGE_CACHE_BYTES:
+        return
+    clock.note(
+        f"the cache will hold about {need / 2**30:,.1f} GiB of activations "
+        f"({n_images:,} images × {n_neurons:,} neurons), written as the images are read"
+    )
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise UserError(
+            f"{folder} has {free / 2**30:,.1f} GiB free but the cache needs about {need / 2**30:,.1f} GiB: "
+            "free some space, choose another --db, or record fewer layers (--layers)"
+        )
+
+
+def run_images(
+    setup: IndexSetup, s: IndexSettings, hp: Mapping[str, Any], writer: CacheWriter, clock: StageClock
+) -> tuple[ImagePass, str]:
+    """The images stage, and how images were decoded ("cpu", "gpu", "gpu, then cpu" …).
+    Activations go to ``writer`` as they are produced."""
     from dissect_tui.fast_decode import DecodeStats
 
     stats = DecodeStats()
     batches = _image_batches(setup, s, stats, clock)
+    make = stats_builder(
+        s.similarity, hp, len(setup.probe), setup.device, keep=max(s.top_images, s.thumbnail_top)
+    )
+    widths: dict[str, int] = {}
+
+    def builder(layer: str, n_units: int, embed_dim: int) -> LayerStatsBuilder:
+        widths[layer] = n_units
+        if len(widths) == len(setup.layers):  # every width known after the first batch
+            check_space(writer.tmp_path.parent, len(setup.probe), sum(widths.values()), clock)
+        return make(layer, n_units, embed_dim)
+
     images = record_images(
         setup.probe,
         batches,
@@ -392,13 +460,17 @@ def run_images(setup: IndexSetup, s: IndexSettings, clock: StageClock) -> tuple[
         setup.device,
         setup.precision,
         clock.progress,
+        builder=builder,
+        sink=writer.append_activations,
+        thumbnails=ThumbnailSpool(writer.tmp_path.parent),
+        embeddings_of=None
+        if setup.source is None
+        else lambda ids: torch.from_numpy(setup.source.images(ids)),
     )
     decode_used = "cpu"
     if setup.decode_plan is not None:
         clock.note(f"decode: {setup.decode_plan.label}; {stats.summary()}")
         decode_used = setup.decode_plan.mode + (", then cpu" if stats.fallback else "")
-    if setup.source is not None:  # CLIP did not run: the other cache's embeddings of these images
-        images.image_emb = torch.from_numpy(setup.source.images(images.ok_ids)).to(setup.device)
     return images, decode_used
 
 
@@ -465,7 +537,7 @@ def write_probe_data(
         [
             {
                 "layer": layer,
-                "n_units": images.acts[layer].shape[1],
+                "n_units": images.n_units[layer],
                 "module_type": type(model.get_submodule(layer)).__name__,
                 "output_shape": images.layer_shapes[layer],
                 "pool": pool,
@@ -483,25 +555,16 @@ def write_probe_data(
     return concept_ids
 
 
-def write_activations(
-    writer: CacheWriter, images: ImagePass, layers: list[str], s: IndexSettings, clock: StageClock
-) -> set[int]:
-    """Every activation and each neuron's top images, layer by layer; returns the image ids whose
-    thumbnails are worth keeping (the top ``thumbnail_top`` of some neuron)."""
+def write_top_images(writer: CacheWriter, images: ImagePass, layers: list[str], s: IndexSettings) -> set[int]:
+    """Each neuron's top images (the activations went to the cache during the images stage);
+    returns the image ids whose thumbnails are worth keeping (some neuron's top ``thumbnail_top``)."""
     thumb_ids: set[int] = set()
-    progress = clock.progress
-    progress.start("top images", len(layers), "layers")
+    n = min(s.top_images, len(images.ok_ids))
     for layer in layers:
-        acts = images.acts[layer]
-        with clock("scoring"):
-            idx, vals = scoring.top_images(acts, n=min(s.top_images, len(images.ok_ids)))
-            idx_np = images.ok_ids[idx.cpu().numpy()]
-        with clock("write"):
-            writer.write_activations(layer, images.ok_ids, acts.cpu().numpy())
-            writer.write_top_images(layer, idx_np, vals.cpu().numpy())
-        thumb_ids.update(idx_np[:, : s.thumbnail_top].reshape(-1).tolist())
-        progress.advance("top images", 1)
-    progress.finish("top images")
+        st = images.stats[layer]
+        ids = st.top_ids[:, :n].cpu().numpy()
+        writer.write_top_images(layer, ids, st.top_vals[:, :n].float().cpu().numpy())
+        thumb_ids.update(ids[:, : s.thumbnail_top].reshape(-1).tolist())
     return thumb_ids
 
 
@@ -541,40 +604,51 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
     clock.note(_replacement_note(final_path))
     with clock("setup"):
         setup = prepare_index(s, clock)
-    with clock("images"):
-        images, decode_used = run_images(setup, s, clock)
-    texts = setup.concept_set.texts
-    encoder = _text_encoder(s, setup)
-    with clock("concepts"):
-        cached = _reuse_concept_embeddings(final_path, encoder.key, texts)
-        if setup.source is not None:
-            cached.update(setup.source.concepts(encoder.template, texts))
-        concept_emb, n_encoded = encode_concepts(texts, cached, encoder, clock.progress)
-    if n_encoded < len(texts):
-        origin = setup.source.path if setup.source is not None else final_path
-        clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
-
-    with CacheWriter(final_path) as writer:
-        with clock("write"):
-            run_id = writer.add_run(**index_run_record(s, setup, images, encoder, hp, cutoff, decode_used))
-            _note_scoring_path(setup.device, clock)
-            concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
-        thumb_ids = write_activations(writer, images, setup.layers, s, clock)
-        with clock("scoring"):
-            concept_t = torch.from_numpy(concept_emb).to(setup.device)
-            scores = score_run(
-                images.acts, images.image_emb, concept_t, s.similarity, hp, s.top_concepts, clock.progress
-            )
-        with clock("write"):
-            summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, cutoff)
-            if not calibrated:
-                clock.note(uncalibrated_cutoff_note(s.similarity, cutoff, scores.labels_scores()))
-            writer.write_thumbnails(
-                {i: images.thumbnails[i] for i in sorted(thumb_ids) if i in images.thumbnails}
-            )
-            write_classifier(writer, setup.target, setup.layers)
-            writer.update_run(run_id, stage_seconds=clock.rounded())
-            writer.commit()
+    with CacheWriter(final_path, stream=True) as writer:
+        with clock("images"):
+            images, decode_used = run_images(setup, s, hp, writer, clock)
+        try:
+            texts = setup.concept_set.texts
+            encoder = _text_encoder(s, setup)
+            with clock("concepts"):
+                cached = _reuse_concept_embeddings(final_path, encoder.key, texts)
+                if setup.source is not None:
+                    cached.update(setup.source.concepts(encoder.template, texts))
+                concept_emb, n_encoded = encode_concepts(texts, cached, encoder, clock.progress)
+            if n_encoded < len(texts):
+                origin = setup.source.path if setup.source is not None else final_path
+                clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
+            with clock("write"):
+                writer.begin_bulk()
+                record = index_run_record(s, setup, images, encoder, hp, cutoff, decode_used)
+                run_id = writer.add_run(**record)
+                _note_scoring_path(setup.device, clock)
+                concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
+                thumb_ids = write_top_images(writer, images, setup.layers, s)
+            with clock("scoring"):
+                concept_t = torch.from_numpy(concept_emb).to(setup.device)
+                scores = score_run(
+                    images.stats,
+                    images.image_emb,
+                    concept_t,
+                    s.similarity,
+                    hp,
+                    s.top_concepts,
+                    clock.progress,
+                    image_ids=images.ok_ids,
+                )
+            with clock("write"):
+                summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, cutoff)
+                if not calibrated:
+                    clock.note(uncalibrated_cutoff_note(s.similarity, cutoff, scores.labels_scores()))
+                if images.thumbnails is not None:
+                    writer.write_thumbnails(images.thumbnails.read(thumb_ids))
+                write_classifier(writer, setup.target, setup.layers)
+                writer.update_run(run_id, stage_seconds=clock.rounded())
+                writer.commit()
+        finally:
+            if images.thumbnails is not None:
+                images.thumbnails.close()
     seconds = clock.rounded()
     return IndexResult(
         path=final_path,
@@ -611,11 +685,33 @@ def _relabel_inputs(
     return similarity, hp, (cutoff, calibrated), concept_set
 
 
-def _stored_activations(reader: CacheReader, layer: str, image_ids: np.ndarray) -> torch.Tensor:
-    ids, acts = reader.layer_activations(layer)
-    if not np.array_equal(ids, image_ids):
-        raise CacheError(f"activations of {layer} and image embeddings disagree on images; rebuild the cache")
-    return torch.from_numpy(acts)
+def stored_stats(
+    reader: CacheReader,
+    layers: list[str],
+    image_ids: np.ndarray,
+    image_emb: torch.Tensor,
+    make: Callable[[str, int, int], LayerStatsBuilder],
+) -> dict[str, LayerStats]:
+    """What scoring needs of each stored layer, read chunk by chunk (never a whole layer at once)."""
+    out = {}
+    for layer in layers:
+        builder = make(layer, reader.n_units(layer), image_emb.shape[1])
+        seen = 0
+        for ids, acts in reader.iter_layer_activations(layer):
+            end = seen + len(ids)
+            if end > len(image_ids) or not np.array_equal(ids, image_ids[seen:end]):
+                seen = -1
+                break
+            builder.add(
+                ids, torch.from_numpy(acts), image_emb[seen:end] if builder.cross is not None else None
+            )
+            seen = end
+        if seen != len(image_ids):
+            raise CacheError(
+                f"activations of {layer} and image embeddings disagree on images; rebuild the cache"
+            )
+        out[layer] = builder.finish()
+    return out
 
 
 def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None) -> IndexResult:
@@ -688,17 +784,19 @@ def run_relabel(settings: RelabelSettings, progress: ProgressSink | None = None)
             new = np.array([t not in stored for t in texts], dtype=bool)
             writer.write_concept_embeddings(encoder.key, concept_ids[new], concept_emb[new])
         with clock("scoring"):
-            acts = {layer: _stored_activations(reader, layer, image_ids).to(device) for layer in layers}
+            emb = torch.from_numpy(image_emb).to(device)
+            make = stats_builder(similarity, hp, len(image_ids), device)
+            stats = stored_stats(reader, layers, image_ids, emb, make)
             scores = score_run(
-                acts,
-                torch.from_numpy(image_emb).to(device),
+                stats,
+                emb,
                 torch.from_numpy(concept_emb).to(device),
                 similarity,
                 hp,
                 s.top_concepts,
                 clock.progress,
+                image_ids=image_ids,
             )
-            del acts
         with clock("write"):
             summaries = write_scores(writer, run_id, scores, texts, concept_ids, image_ids, cutoff)
             if not calibrated:

@@ -554,3 +554,27 @@ def test_the_run_records_which_scoring_path_and_decoder_ran(workspace):
     with open_cache(workspace["db"]) as r:
         settings = r.run()["settings"]
     assert settings["scoring_path"] == active_path("cpu") and settings["decode_used"] == "cpu"
+
+
+def test_a_large_cache_is_announced_and_one_that_cannot_fit_is_refused(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    import shutil
+    from collections import namedtuple
+
+    from dissect_tui import indexer
+
+    monkeypatch.setattr(indexer, "LARGE_CACHE_BYTES", 0)  # the tiny run counts as large
+    db = tmp_path / "big.duckdb"
+    args = [a for a in _args_with_db(workspace, db) if a != "--quiet"]
+    assert main(args) == 0
+    n_neurons = sum(WIDTHS.values())
+    notes = [x for x in capsys.readouterr().err.splitlines() if "GiB of activations" in x]
+    assert len(notes) == 1 and f"× {n_neurons:,} neurons" in notes[0], notes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    db.unlink()
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "free but the cache needs about" in err.splitlines()[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from dissect_tui import signals
 from dissect_tui.errors import UserError
 from dissect_tui.sql_format import cell, csv_field, is_number, json_text, unique_names
 
@@ -84,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         lock_down(reader.con)  # before any user SQL: read-only in fact, not by a statement filter
         # One cursor for the whole text, so statements see each other's temp tables and variables.
-        session = CacheReader(reader.con.cursor(), reader.path)
-        with _ctrl_c_interrupts(session.con):
-            return _run_statements(args, session, query, parquet)
+        # Tracked: a signal (Ctrl-C, SIGTERM, SIGHUP) interrupts a running statement (signals.py).
+        session = CacheReader(signals.track(reader.con.cursor()), reader.path)
+        return _run_statements(args, session, query, parquet)
     finally:
         reader.close()
 
@@ -125,50 +123,6 @@ def _run_statements(args: argparse.Namespace, session: Any, query: str, parquet:
             count=lambda st=statement: _count(session, st),
         )
     return 0
-
-
-@contextmanager
-def _ctrl_c_interrupts(con: Any) -> Iterator[None]:
-    """While inside, Ctrl-C also interrupts the query running on ``con``.
-
-    DuckDB's Python client notices SIGINT only when it polls for Python signals, and sometimes
-    misses it: the query then runs on. Here a thread waits on the signal wake-up file descriptor
-    and calls ``con.interrupt()``; Python's own handler still raises KeyboardInterrupt, so the
-    command exits 130. The previous wake-up descriptor is restored and the thread joined on exit.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    try:
-        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    except ValueError:
-        os.close(read_fd)
-        os.close(write_fd)
-        yield
-        return
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            data = os.read(read_fd, 64)
-            if done.is_set() or not data:
-                return
-            if signal.SIGINT in data:
-                con.interrupt()
-
-    watcher = threading.Thread(target=watch, name="sql-ctrl-c", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous)
-        done.set()
-        os.write(write_fd, b"\0")  # wake the thread so it can see it is done
-        watcher.join()
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 def _terminal_width() -> int | None:

@@ -10,7 +10,7 @@ import functools
 import json
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -419,6 +419,28 @@ class CacheReader:
         # a writable copy: callers hand these to torch, which warns on read-only buffers
         flat = np.array(acts_col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
         return ids, flat.reshape(len(ids), k)
+
+    def iter_layer_activations(self, layer: str, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image_ids [n], acts [n, K]) of one layer, ``rows`` images at a time, in image id order:
+        a layer larger than memory can be read through."""
+        k = self.n_units(layer)
+        rows = max(1, rows)
+        try:
+            batches = self.con.sql(
+                "SELECT image_id, acts FROM activation_rows WHERE layer = ? ORDER BY image_id", params=[layer]
+            ).fetch_record_batch(rows)
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                ids = batch.column(0).to_numpy().astype(np.int64)
+                acts_col = batch.column(1)
+                self.check_activation_rows(layer, np.asarray(acts_col.value_lengths().fill_null(-1)), k)
+                flat = np.array(acts_col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+                yield ids, flat.reshape(len(ids), k)
+        except duckdb.Error as exc:
+            if is_interrupt(exc):
+                raise
+            raise CacheError(read_failure(self.path, exc)) from None
 
     @reading
     def image_embeddings(self) -> tuple[np.ndarray, np.ndarray]:

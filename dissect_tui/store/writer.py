@@ -199,8 +199,17 @@ class CacheWriter:
     schema is created. ``final_path`` is the file that will be replaced: a symbolic link's target.
     """
 
-    def __init__(self, final_path: Path, base: Path | None = None) -> None:
+    # Memory DuckDB may use while activations stream in (each append commits on its own, so what
+    # it buffers is written out; without a limit it would keep up to 80% of the machine's RAM).
+    STREAM_MEMORY_LIMIT = "1GB"
+
+    def __init__(self, final_path: Path, base: Path | None = None, *, stream: bool = False) -> None:
+        """``stream``: activations are appended (``append_activations``) while the images stage runs,
+        each append committed on its own so memory stays bounded; everything else is written in
+        one transaction that ``begin_bulk()`` opens once the appends are done."""
         self.requested_path = Path(final_path)
+        self.stream = stream
+        self._in_bulk = False
         self.final_path = check_target(self.requested_path)  # takes the write lock
         self._committed = False
         self._closed = False
@@ -230,8 +239,13 @@ class CacheWriter:
     def _start(self, base: Path | None) -> None:
         # One transaction for the whole build: DuckDB then writes each big insert once, at
         # commit, instead of committing (and checkpointing) insert by insert - 2x faster
-        # for 50k images x 3,904 neurons (bench/bench_cache_write.py).
+        # for 50k images x 3,904 neurons (bench/bench_cache_write.py). When activations stream
+        # in, the schema is committed first and the bulk transaction starts after the appends.
+        if self.stream:
+            self.con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_LIMIT}'")
+            self.con.execute("SET preserve_insertion_order = false")
         self.con.execute("BEGIN TRANSACTION")
+        self._in_bulk = True
         if base is None:
             self.con.execute(TABLES)
             self.con.execute(
@@ -246,6 +260,27 @@ class CacheWriter:
             )
         else:
             self._upgrade()
+        if self.stream:
+            self.con.execute("COMMIT")
+            self._in_bulk = False
+
+    @_writing
+    def begin_bulk(self) -> None:
+        """End the streamed appends; the writes that follow go into one transaction."""
+        if not self._in_bulk:
+            self.con.execute("BEGIN TRANSACTION")
+            self._in_bulk = True
+
+    @_writing
+    def append_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
+        """Streamed activations of some images (``stream=True``, before ``begin_bulk``), committed now."""
+        if self._in_bulk:
+            raise RuntimeError("append_activations after begin_bulk(): stream activations first")
+        self._insert_arrow(
+            "activation_rows",
+            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
+            constants={"layer": layer},
+        )
 
     def failure(self, exc: BaseException) -> str:
         """One line for an error while building the cache (a full disk is said plainly)."""
@@ -279,6 +314,8 @@ class CacheWriter:
     def commit(self) -> Path:
         """Commit, checkpoint, close and atomically replace the final path."""
         try:
+            if not self._in_bulk:
+                self.con.execute("BEGIN TRANSACTION")
             self.con.execute("COMMIT")
             self.con.execute("CHECKPOINT")
             self.con.close()
