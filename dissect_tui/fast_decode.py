@@ -690,6 +690,7 @@ def _device_batches(
     workers: int,
     thumbnail_px: int,
     stats: DecodeStats,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
     for t, spec in enumerate(plan.specs):
@@ -698,8 +699,9 @@ def _device_batches(
                 f"image transform #{t}: mapped crop {spec.crop} disagrees with its output {shapes[t]}"
             )
     dataset = _BytesDataset(probe, transforms, shapes, plan.specs, thumbnail_px, plan.device.type)
+    items: torch.utils.data.Dataset = dataset if order is None else torch.utils.data.Subset(dataset, list(order))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        items,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -719,6 +721,7 @@ def iter_device_batches(
     thumbnail_px: int = 96,
     stats: DecodeStats | None = None,
     note: Callable[[str], None] | None = None,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Like ``probe.iter_batches``, but inputs are decoded and preprocessed on ``plan.device``.
 
@@ -734,7 +737,7 @@ def iter_device_batches(
         raise UserError("workers must be 0 or more")
     stats = stats if stats is not None else DecodeStats()
     done = 0  # images yielded so far: batches come in probe order
-    device = _device_batches(probe, transforms, plan, batch_size, workers, thumbnail_px, stats)
+    device = _device_batches(probe, transforms, plan, batch_size, workers, thumbnail_px, stats, order)
     try:
         while True:
             try:
@@ -757,10 +760,10 @@ def iter_device_batches(
         device.close()
     stats.fallback = (
         f"decode: the device path failed after {done} images ({reason}); the remaining "
-        f"{len(probe) - done} are decoded with PIL"
+        f"{(len(probe) if order is None else len(order)) - done} are decoded with PIL"
     )
     if note is not None:
         note(stats.fallback)
-    for batch in iter_batches(probe, transforms, batch_size, workers, thumbnail_px, start=done):
+    for batch in iter_batches(probe, transforms, batch_size, workers, thumbnail_px, start=done, order=order):
         stats.counts["after the device path failed"] += len(batch.indices)
         yield batch

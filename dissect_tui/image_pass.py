@@ -161,6 +161,8 @@ def record_images(
     sink: ActivationSink | None = None,
     thumbnails: ThumbnailSpool | None = None,
     embeddings_of: Callable[[np.ndarray], torch.Tensor] | None = None,
+    share: int | None = None,
+    minimum: int = 2,
 ) -> ImagePass:
     """Run the target (with hooks on ``layers``) and CLIP's image tower over ``batches``.
 
@@ -169,6 +171,8 @@ def record_images(
     ``image_emb`` then has no columns, and ``embeddings_of(image_ids)`` supplies the embeddings of
     each batch). ``builder(layer, n_units, embed_dim)`` makes each layer's stats builder once the
     widths are known; ``sink`` receives the activations in chunks, in the order of the batches.
+    ``share``: how many images ``batches`` holds when it is not the whole probe (a torchrun rank's
+    share); ``minimum``: decoded images required (0 for a share: the whole run checks the total).
     """
     from dissect_tui.targets import LayerRecorder
 
@@ -179,7 +183,7 @@ def record_images(
     ok_chunks: list[torch.Tensor] = []
     sizes: list[tuple[int, int] | None] = [None] * n_listed
     errors: list[str | None] = [None] * n_listed
-    progress.start("images", n_listed, "img")
+    progress.start("images", n_listed if share is None else share, "img")
     with LayerRecorder(model, layers, pool=pool) as recorder, torch.inference_mode():
         for batch in batches:
             ids = batch.indices
@@ -214,17 +218,25 @@ def record_images(
         shapes = dict(recorder.output_shapes)
     progress.finish("images")
     ok_all = torch.cat(ok_chunks).numpy() if ok_chunks else np.empty(0, dtype=np.int64)
-    if len(ok_all) == 0:
-        failed = [(probe[i].path, e) for i, e in enumerate(errors) if e] or [("-", "no image listed")]
-        raise UserError(
-            f"none of the {n_listed} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})"
-        )
-    if len(ok_all) < 2:
-        raise UserError("at least 2 decodable probe images are needed")
-    stats = {layer: builders[layer].finish() for layer in layers}
-    n_units = {layer: stats[layer].n_units for layer in layers}
-    result = ImagePass(n_listed, ok_all, stats, n_units, torch.cat(emb_chunks), sizes, errors, thumbnails)
-    for layer in layers:
+    check_decoded(probe, len(ok_all), errors, minimum)
+    stats = {layer: b.finish() for layer, b in builders.items()}
+    n_units = {layer: st.n_units for layer, st in stats.items()}
+    emb = torch.cat(emb_chunks) if emb_chunks else torch.empty(0, 0)
+    result = ImagePass(n_listed, ok_all, stats, n_units, emb, sizes, errors, thumbnails)
+    for layer in stats:
         raw = shapes.get(layer)
         result.layer_shapes[layer] = str(list(raw if raw is not None else [n_units[layer]]))
     return result
+
+
+def check_decoded(probe: Any, n_ok: int, errors: list[str | None], minimum: int = 2) -> None:
+    """One clear line when too few probe images decoded to label anything."""
+    if minimum <= 0:
+        return
+    if n_ok == 0:
+        failed = [(probe[i].path, e) for i, e in enumerate(errors) if e] or [("-", "no image listed")]
+        raise UserError(
+            f"none of the {len(probe)} probe images could be decoded (first: {failed[0][0]}: {failed[0][1]})"
+        )
+    if n_ok < minimum:
+        raise UserError(f"at least {minimum} decodable probe images are needed")

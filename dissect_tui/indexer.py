@@ -358,14 +358,18 @@ def _text_encoder(s: IndexSettings, setup: IndexSetup) -> TextEncoder:
     return TextEncoder(load, s.template, tower=source.tower)
 
 
-def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any, clock: StageClock) -> Iterator[Any]:
+def _image_batches(
+    setup: IndexSetup, s: IndexSettings, stats: Any, clock: StageClock, order: list[int] | None = None
+) -> Iterator[Any]:
     """Batches of decoded probe images: PIL in loader workers, or JPEGs decoded on the device."""
     from dissect_tui.fast_decode import iter_device_batches
     from dissect_tui.probe import iter_batches
 
     transforms = _transforms(setup.target, setup.clip_model)
     if setup.decode_plan is None:
-        return iter_batches(setup.probe, transforms, setup.batch_size, setup.workers, s.thumbnail_px)
+        return iter_batches(
+            setup.probe, transforms, setup.batch_size, setup.workers, s.thumbnail_px, order=order
+        )
     # --decode auto: if the device path fails, the rest of the run decodes with PIL (one note)
     return iter_device_batches(
         setup.probe,
@@ -376,6 +380,7 @@ def _image_batches(setup: IndexSetup, s: IndexSettings, stats: Any, clock: Stage
         s.thumbnail_px,
         stats,
         note=clock.note,
+        order=order,
     )
 
 
@@ -431,14 +436,21 @@ def check_space(folder: Path, n_images: int, n_neurons: int, clock: StageClock) 
 
 
 def run_images(
-    setup: IndexSetup, s: IndexSettings, hp: Mapping[str, Any], writer: CacheWriter, clock: StageClock
+    setup: IndexSetup,
+    s: IndexSettings,
+    hp: Mapping[str, Any],
+    sink: Callable[[str, np.ndarray, np.ndarray], None],
+    folder: Path,
+    clock: StageClock,
+    order: list[int] | None = None,
 ) -> tuple[ImagePass, str]:
     """The images stage, and how images were decoded ("cpu", "gpu", "gpu, then cpu" …).
-    Activations go to ``writer`` as they are produced."""
+    Activations go to ``sink`` as they are produced; thumbnails wait in a spool in ``folder``.
+    ``order``: a torchrun rank's share of the probe (then fewer than 2 images is no error here)."""
     from dissect_tui.fast_decode import DecodeStats
 
     stats = DecodeStats()
-    batches = _image_batches(setup, s, stats, clock)
+    batches = _image_batches(setup, s, stats, clock, order)
     make = stats_builder(
         s.similarity, hp, len(setup.probe), setup.device, keep=max(s.top_images, s.thumbnail_top)
     )
@@ -447,7 +459,7 @@ def run_images(
     def builder(layer: str, n_units: int, embed_dim: int) -> LayerStatsBuilder:
         widths[layer] = n_units
         if len(widths) == len(setup.layers):  # every width known after the first batch
-            check_space(writer.tmp_path.parent, len(setup.probe), sum(widths.values()), clock)
+            check_space(folder, len(setup.probe), sum(widths.values()), clock)
         return make(layer, n_units, embed_dim)
 
     images = record_images(
@@ -461,11 +473,13 @@ def run_images(
         setup.precision,
         clock.progress,
         builder=builder,
-        sink=writer.append_activations,
-        thumbnails=ThumbnailSpool(writer.tmp_path.parent),
+        sink=sink,
+        thumbnails=ThumbnailSpool(folder),
         embeddings_of=None
         if setup.source is None
         else lambda ids: torch.from_numpy(setup.source.images(ids)),
+        share=None if order is None else len(order),
+        minimum=2 if order is None else 0,
     )
     decode_used = "cpu"
     if setup.decode_plan is not None:
@@ -593,65 +607,82 @@ def write_classifier(writer: CacheWriter, target: Any, layers: list[str]) -> Non
     )
 
 
-def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> IndexResult:
-    """Index a model: the whole pipeline, ending in one cache file at ``settings.db_path()``."""
-    s = settings
-    clock = StageClock(progress or NullProgress())
+@dataclass
+class IndexPlan:
+    """What every stage after setup needs to know about the run."""
+
+    settings: IndexSettings
+    hp: dict[str, Any]
+    cutoff: float
+    calibrated: bool  # cutoff chosen for this method's scale
+    final_path: Path
+
+
+def plan_index(s: IndexSettings, clock: StageClock) -> IndexPlan:
+    """Every check that needs no model; takes the cache's write lock (check_target)."""
     hp = s.validate()
     cutoff, calibrated = resolve_cutoff(s.similarity, s.cutoff)
     final_path = s.db_path()
     check_target(final_path)
     clock.note(_replacement_note(final_path))
-    with clock("setup"):
-        setup = prepare_index(s, clock)
-    with CacheWriter(final_path, stream=True) as writer:
-        with clock("images"):
-            images, decode_used = run_images(setup, s, hp, writer, clock)
-        try:
-            texts = setup.concept_set.texts
-            encoder = _text_encoder(s, setup)
-            with clock("concepts"):
-                cached = _reuse_concept_embeddings(final_path, encoder.key, texts)
-                if setup.source is not None:
-                    cached.update(setup.source.concepts(encoder.template, texts))
-                concept_emb, n_encoded = encode_concepts(texts, cached, encoder, clock.progress)
-            if n_encoded < len(texts):
-                origin = setup.source.path if setup.source is not None else final_path
-                clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
-            with clock("write"):
-                writer.begin_bulk()
-                record = index_run_record(s, setup, images, encoder, hp, cutoff, decode_used)
-                run_id = writer.add_run(**record)
-                _note_scoring_path(setup.device, clock)
-                concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
-                thumb_ids = write_top_images(writer, images, setup.layers, s)
-            with clock("scoring"):
-                concept_t = torch.from_numpy(concept_emb).to(setup.device)
-                scores = score_run(
-                    images.stats,
-                    images.image_emb,
-                    concept_t,
-                    s.similarity,
-                    hp,
-                    s.top_concepts,
-                    clock.progress,
-                    image_ids=images.ok_ids,
-                )
-            with clock("write"):
-                summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, cutoff)
-                if not calibrated:
-                    clock.note(uncalibrated_cutoff_note(s.similarity, cutoff, scores.labels_scores()))
-                if images.thumbnails is not None:
-                    writer.write_thumbnails(images.thumbnails.read(thumb_ids))
-                write_classifier(writer, setup.target, setup.layers)
-                writer.update_run(run_id, stage_seconds=clock.rounded())
-                writer.commit()
-        finally:
-            if images.thumbnails is not None:
-                images.thumbnails.close()
+    return IndexPlan(s, dict(hp), cutoff, calibrated, final_path)
+
+
+def finish_index(
+    plan: IndexPlan,
+    setup: IndexSetup,
+    images: ImagePass,
+    decode_used: str,
+    writer: CacheWriter,
+    clock: StageClock,
+    thumbnails_of: Callable[[set[int]], dict[int, bytes]],
+) -> IndexResult:
+    """Everything after the images stage: concepts, scoring, the cache's other tables, commit.
+
+    ``images`` holds the whole probe's results (a torchrun run merged them); ``thumbnails_of``
+    returns the JPEGs of the chosen image ids, wherever they were decoded."""
+    s, hp = plan.settings, plan.hp
+    texts = setup.concept_set.texts
+    encoder = _text_encoder(s, setup)
+    with clock("concepts"):
+        cached = _reuse_concept_embeddings(plan.final_path, encoder.key, texts)
+        if setup.source is not None:
+            cached.update(setup.source.concepts(encoder.template, texts))
+        concept_emb, n_encoded = encode_concepts(texts, cached, encoder, clock.progress)
+    if n_encoded < len(texts):
+        origin = setup.source.path if setup.source is not None else plan.final_path
+        clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
+    with clock("write"):
+        writer.begin_bulk()
+        record = index_run_record(s, setup, images, encoder, hp, plan.cutoff, decode_used)
+        run_id = writer.add_run(**record)
+        _note_scoring_path(setup.device, clock)
+        concept_ids = write_probe_data(writer, run_id, setup, images, encoder, concept_emb, s.pool)
+        thumb_ids = write_top_images(writer, images, setup.layers, s)
+    with clock("scoring"):
+        concept_t = torch.from_numpy(concept_emb).to(setup.device)
+        image_emb = images.image_emb.to(setup.device)
+        scores = score_run(
+            images.stats,
+            image_emb,
+            concept_t,
+            s.similarity,
+            hp,
+            s.top_concepts,
+            clock.progress,
+            images.ok_ids,
+        )
+    with clock("write"):
+        summaries = write_scores(writer, run_id, scores, texts, concept_ids, images.ok_ids, plan.cutoff)
+        if not plan.calibrated:
+            clock.note(uncalibrated_cutoff_note(s.similarity, plan.cutoff, scores.labels_scores()))
+        writer.write_thumbnails(thumbnails_of(thumb_ids))
+        write_classifier(writer, setup.target, setup.layers)
+        writer.update_run(run_id, stage_seconds=clock.rounded())
+        writer.commit()
     seconds = clock.rounded()
     return IndexResult(
-        path=final_path,
+        path=plan.final_path,
         run_id=run_id,
         kind="index",
         n_images=images.n_listed,
@@ -663,6 +694,38 @@ def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> 
         notes=clock.notes,
         n_concepts_encoded=n_encoded,
     )
+
+
+def run_index(settings: IndexSettings, progress: ProgressSink | None = None) -> IndexResult | None:
+    """Index a model: the whole pipeline, ending in one cache file at ``settings.db_path()``.
+
+    Under torchrun (WORLD_SIZE > 1) the ranks share the work (dissect_tui.index_ranks); only
+    rank 0 returns a result, the others None."""
+    from dissect_tui import distributed
+
+    ranks = distributed.from_env()
+    if ranks.active:
+        from dissect_tui.index_ranks import run_index_ranks
+
+        return run_index_ranks(settings, progress, ranks)
+    clock = StageClock(progress or NullProgress())
+    plan = plan_index(settings, clock)
+    with clock("setup"):
+        setup = prepare_index(settings, clock)
+    with CacheWriter(plan.final_path, stream=True) as writer:
+        folder = writer.tmp_path.parent
+        with clock("images"):
+            images, decode_used = run_images(
+                setup, settings, plan.hp, writer.append_activations, folder, clock
+            )
+        spool = images.thumbnails
+        try:
+            return finish_index(
+                plan, setup, images, decode_used, writer, clock, lambda ids: spool.read(ids) if spool else {}
+            )
+        finally:
+            if spool is not None:
+                spool.close()
 
 
 # -- relabel ------------------------------------------------------------------------------

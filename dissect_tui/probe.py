@@ -674,17 +674,20 @@ def iter_batches(
     workers: int,
     thumbnail_px: int = 96,
     start: int = 0,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
-    """Batches in probe order from image ``start`` on; workers=0 decodes in-process. Failed
-    images give ok=False rows."""
+    """Batches of the images ``order`` (default: every image, in probe order) from position
+    ``start`` on; workers=0 decodes in-process. Failed images give ok=False rows. A torchrun rank
+    passes the images of its own batches as ``order`` (dissect_tui.distributed)."""
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
     if workers < 0:
         raise UserError("workers must be 0 or more")
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
     dataset: torch.utils.data.Dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
-    if start:
-        dataset = torch.utils.data.Subset(dataset, range(start, len(probe)))
+    if start or order is not None:
+        items = range(len(probe)) if order is None else order
+        dataset = torch.utils.data.Subset(dataset, list(items)[start:])
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

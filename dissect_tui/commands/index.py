@@ -133,8 +133,18 @@ def run(args: argparse.Namespace) -> int:
             **scoring_options(args),
         }
     )
-    with RichProgress(quiet=args.quiet) as progress:
-        result = run_index(settings, progress)
+    from dissect_tui import distributed
+
+    # Under torchrun only rank 0 prints progress and the summary; a rank whose failure rank 0
+    # reports exits 2 without a second line.
+    main_rank = distributed.from_env().main
+    try:
+        with RichProgress(quiet=args.quiet or not main_rank) as progress:
+            result = run_index(settings, progress)
+    except distributed.ReportedElsewhere:
+        return 2
+    if result is None:
+        return 0
     print_summary(result, quiet=args.quiet)
     print(result.path)
     return 0

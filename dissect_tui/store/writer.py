@@ -282,6 +282,19 @@ class CacheWriter:
             constants={"layer": layer},
         )
 
+    @_writing
+    def ingest_activations(self, shard: Path) -> None:
+        """Copy another process's streamed activations (a torchrun rank's shard) into the cache."""
+        if self._in_bulk:
+            raise RuntimeError("ingest_activations after begin_bulk(): copy shards first")
+        self.con.execute("ATTACH ? AS shard (READ_ONLY)", [str(shard)])
+        try:
+            self.con.execute(
+                "INSERT INTO activation_rows SELECT layer, image_id, acts FROM shard.activation_rows"
+            )
+        finally:
+            self.con.execute("DETACH shard")
+
     def failure(self, exc: BaseException) -> str:
         """One line for an error while building the cache (a full disk is said plainly)."""
         return f"cannot write the cache {self.final_path}: {_reason(exc)}; the previous file is untouched"

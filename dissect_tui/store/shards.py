@@ -1,0 +1,67 @@
+"""Activations of one torchrun rank, in a temporary DuckDB file that rank 0 copies into the cache.
+
+A shard is named like the cache's other temporary files (``.NAME.rankR.tmp-PID``), lives beside
+it, holds one table shaped like ``activation_rows``, and is removed by its rank on failure and by
+rank 0 once copied (see dissect_tui.distributed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from dissect_tui import filesafety, signals
+from dissect_tui.errors import CacheError
+from dissect_tui.store.writer import CacheWriter, _float_list_array, _reason
+
+SHARD_TABLE = (
+    "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
+)
+
+
+def shard_path(final: Path, rank: int) -> Path:
+    return filesafety.tmp_name(final.with_name(f"{final.name}.rank{rank}"))
+
+
+class ShardWriter:
+    """Append-only activations of one rank (each append committed: memory stays bounded)."""
+
+    def __init__(self, final: Path, rank: int) -> None:
+        self.path = shard_path(Path(final), rank)
+        filesafety.remove_db_files(self.path)
+        try:
+            self.con = signals.track(duckdb.connect(str(self.path)))
+            self.con.execute(f"SET memory_limit = '{CacheWriter.STREAM_MEMORY_LIMIT}'")
+            self.con.execute(SHARD_TABLE)
+        except duckdb.Error as exc:
+            self.remove()
+            raise CacheError(f"cannot write {self.path}: {_reason(exc)}") from None
+
+    def append_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
+        table = pa.table(
+            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)}
+        )
+        try:
+            self.con.register("_incoming", table)
+            self.con.execute("INSERT INTO activation_rows SELECT ?, image_id, acts FROM _incoming", [layer])
+            self.con.unregister("_incoming")
+        except duckdb.Error as exc:
+            if signals.is_interrupt(exc):
+                raise
+            raise CacheError(f"cannot write {self.path}: {_reason(exc)}") from None
+
+    def close(self) -> None:
+        try:
+            self.con.execute("CHECKPOINT")
+        finally:
+            self.con.close()
+
+    def remove(self) -> None:
+        try:
+            self.con.close()
+        except Exception:  # noqa: BLE001 - already closed or broken
+            pass
+        filesafety.remove_db_files(self.path)
