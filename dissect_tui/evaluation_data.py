@@ -65,8 +65,14 @@ def resolve_class_layer(
 
     run = reader.run(run_id)
     rid = int(run["run_id"])
-    infos = {info.layer: info for info in reader.layers()}
-    stored = dict(classifier_layers(reader))
+    infos = {info.layer: info for info in sorted(reader.layers(), key=lambda info: info.position)}
+    stored = dict(classifier_layers(reader))  # last layer first: the default
+
+    def network_order(names: Any) -> str:
+        return ", ".join(
+            sorted(names, key=lambda n: (n not in infos, infos[n].position if n in infos else 0))
+        )
+
     if layer is None:
         if stored:
             layer = next(iter(stored))
@@ -83,9 +89,9 @@ def resolve_class_layer(
                 )
             layer = guesses[0]
     if layer not in infos:
-        raise UserError(f"no layer {layer!r} in this cache; layers: {', '.join(infos) or 'none'}")
+        raise UserError(f"no layer {layer!r} in this cache; layers: {network_order(infos) or 'none'}")
     if need_weights and layer not in stored:
-        have = ", ".join(stored) or "none"
+        have = network_order(stored) or "none"
         raise UserError(
             f"no weights stored for layer {layer!r} (layers with weights: {have}); re-index with "
             f"{layer} among --layers so its weights are stored"

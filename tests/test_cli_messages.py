@@ -10,9 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dissect_tui.cli import build_parser, main
+from dissect_tui.concepts import SHIPPED
+from dissect_tui.store import CacheWriter
+from tests.cache_factory import make_cache
+from tests.safety_helpers import one_error_line
+from tests.test_evaluate import build_cache, write_classes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,3 +123,90 @@ def test_the_installed_entry_point_prints_two_lines(tmp_path):
         "error: argument --cutoff: invalid float value: 'abc'",
         "see 'dissect-tui index --help'",
     ]
+
+
+# -- 3. small messages --------------------------------------------------------------------------
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return make_cache(tmp_path / "c.duckdb")
+
+
+def test_relabel_with_a_missing_concept_file_says_not_found(cache, capsys):
+    missing = cache.parent / "nonexistent.txt"
+    rc = main(["relabel", str(cache), "--concepts", str(missing), "--quiet"])
+    line = one_error_line(capsys.readouterr().err, rc)
+    assert f"concept file {missing} not found" in line and "unknown" not in line
+    assert f"shipped concept sets: {', '.join(SHIPPED)}" in line
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("nope", "unknown concept set 'nope': the shipped ones are 20k, 10k, 3k, imagenet"),
+        ("mine.txt", "concept file mine.txt not found (shipped concept sets: 20k,"),
+        ("~/lists/mine", "not found (shipped concept sets:"),
+        (".", "is a folder, not a text file"),
+    ],
+)
+def test_concept_spec_messages(spec, expected, tmp_path, monkeypatch):
+    from dissect_tui.concepts import load_concepts
+    from dissect_tui.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        load_concepts(spec)
+    assert expected in str(info.value)
+
+
+def test_evaluate_with_a_missing_class_file_says_not_found(tmp_path, capsys):
+    db = build_cache(tmp_path / "c.duckdb")
+    rc = main(["evaluate", str(db), "--classes", str(tmp_path / "classes.txt"), "--mpnet", "none"])
+    line = one_error_line(capsys.readouterr().err, rc)
+    assert "classes.txt not found (shipped class-name lists: imagenet, places365, cifar100)" in line
+
+
+def test_unknown_layer_lists_the_model_layers_in_network_order():
+    from dissect_tui.errors import UserError
+    from dissect_tui.targets import load_target, resolve_layers
+
+    model = load_target("resnet18", weights="none").model
+    with pytest.raises(UserError) as info:
+        resolve_layers(model, ["layer5"], [])
+    listed = str(info.value).split("valid layers: ")[1].split(", ...")[0].split(", ")
+    order = [name for name, _ in model.named_modules()]
+    assert {"conv1", "layer4", "fc"} <= set(listed)
+    assert listed == sorted(listed, key=order.index)  # close matches (layer4 …) no longer first
+
+
+def test_layers_with_weights_are_listed_in_network_order(cache, capsys, tmp_path):
+    """analyze names the layers that have stored weights in the order of the network (they were
+    listed last layer first)."""
+    with CacheWriter(cache, base=cache) as w:
+        w.write_linear_weights("layer4", "layer1", np.ones((12, 16)), np.zeros(12))
+        w.commit()
+    classes = write_classes(tmp_path, [f"class {i}" for i in range(8)])
+    rc = main(["analyze", "weights", str(cache), "--layer", "conv1", "--classes", str(classes)])
+    line = one_error_line(capsys.readouterr().err, rc)
+    assert "no weights stored for layer 'conv1' (layers with weights: layer4, fc)" in line
+
+
+INDEX_FLAGS = {"--help", "--quiet"}  # switches: nothing to default
+INDEX_OPT_IN = {"--embeddings-from"}  # off unless given
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="commands/index.py (not this branch's file): --clip help says '(default None)'; "
+    "fix: quote settings.DEFAULT_CLIP — then drop this marker",
+)
+def test_index_help_states_every_default():
+    parser = dict((" ".join(p), parser) for p, parser in leaf_commands())["index"]
+    missing = []
+    for action in parser._actions:
+        name = max(action.option_strings, key=len, default=action.dest)
+        if not action.option_strings or name in INDEX_FLAGS | INDEX_OPT_IN:
+            continue
+        text = action.help or ""
+        if "default" not in text or "None" in text:
+            missing.append(f"{name}: {text}")
+    assert missing == []
