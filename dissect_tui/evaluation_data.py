@@ -172,11 +172,17 @@ def text_cosines(encoder: Any, a: list[str], b: list[str]) -> np.ndarray:
     return paired_cosine(encode_unique(encoder, a), encode_unique(encoder, b))
 
 
-def open_db(arg: str) -> tuple[Path, Any]:
+def open_db(arg: str, save: bool = False) -> tuple[Path, Any]:
+    """The cache's path and a reader on it. ``save``: the command will store its metrics, so it
+    takes the cache's write lock first, before any work: another dissect-tui process writing
+    the cache is reported now, not after minutes of computing (released when the command ends)."""
     from dissect_tui.store import open_cache, resolve_cache
+    from dissect_tui.store.metrics import reserve_for_metrics
 
     path = resolve_cache(arg)
     assert path is not None
+    if save:
+        reserve_for_metrics(path)
     return path, open_cache(path)
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dissect_tui import filesafety
 from dissect_tui.cli import build_parser, main
 from dissect_tui.concepts import SHIPPED
 from dissect_tui.store import CacheWriter
 from tests.cache_factory import make_cache
-from tests.safety_helpers import one_error_line
-from tests.test_evaluate import build_cache, write_classes
+from tests.safety_helpers import dot_files, one_error_line
+from tests.test_evaluate import CLASSES, build_cache, write_classes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,3 +211,63 @@ def test_index_help_states_every_default():
         if "default" not in text or "None" in text:
             missing.append(f"{name}: {text}")
     assert missing == []
+
+
+# -- 4. evaluate and analyze refuse a busy cache before computing --------------------------------
+def busy_argvs(db: Path, classes: Path) -> list[list[str]]:
+    common = ["--classes", str(classes), "--device", "cpu"]
+    return [
+        ["evaluate", str(db), *common, "--mpnet", "none"],
+        ["analyze", "weights", str(db), *common, "--mpnet", "none"],
+        ["analyze", "predict", str(db), *common],
+        ["analyze", "interpretability", str(db)],
+    ]
+
+
+def test_busy_cache_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import dissect_tui.store as store
+
+    db = build_cache(tmp_path / "c.duckdb")
+    classes = write_classes(tmp_path, CLASSES)
+    opened: list[str] = []
+    real_open = store.open_cache
+    monkeypatch.setattr(
+        store, "open_cache", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k)
+    )
+    before = db.read_bytes()
+    other = filesafety.WriteLock(db)  # another writer (its own open file description)
+    other.acquire()
+    try:
+        for argv in busy_argvs(db, classes):
+            rc = main(argv)
+            line = one_error_line(capsys.readouterr().err, rc)
+            assert f"{db} is being written by process {os.getpid()}" in line, argv
+            assert "pass --no-save" in line, argv
+            assert opened == [], argv  # refused before the cache was even read
+            # printing only needs no lock
+            assert main([*argv, "--no-save"]) == 0, capsys.readouterr().err
+            assert opened and "metrics in" not in capsys.readouterr().out
+            opened.clear()
+        assert db.read_bytes() == before
+        assert dot_files(tmp_path) == [".c.duckdb.lock"]  # the other writer's, untouched
+    finally:
+        other.release()
+    assert main(busy_argvs(db, classes)[0]) == 0  # free again: computes and saves
+    assert "stored 7 metrics" in " ".join(capsys.readouterr().out.split())
+    assert dot_files(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import dissect_tui.store as store
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = build_cache(folder / "c.duckdb")
+    classes = write_classes(tmp_path)
+    opened: list[str] = []
+    monkeypatch.setattr(store, "open_cache", lambda *a, **k: opened.append("x"))
+    real_access = os.access  # a read-only folder (the tests may run as root, who writes anyway)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != folder and real_access(p, mode, **k))
+    rc = main(busy_argvs(db, classes)[0])
+    assert f"cannot write in folder {folder}" in one_error_line(capsys.readouterr().err, rc)
+    assert opened == [] and dot_files(folder) == []

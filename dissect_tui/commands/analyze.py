@@ -169,7 +169,7 @@ def run_weights(args: argparse.Namespace) -> int:
 
     console = output_console()
     notes: list[str] = []
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         ctx, w, _, labels = _class_layer_weights(reader, args)
         encoders = {"clip": clip_text_encoder(reader, ctx.run, args.clip, args.device)}
@@ -248,7 +248,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     console = output_console()
     notes: list[str] = []
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         ctx, w, b, labels = _class_layer_weights(reader, args)
         logit_ids, logits = reader.layer_activations(ctx.layer)
@@ -350,7 +350,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
 
     console = output_console()
     levels = parse_levels(args.levels)
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         run = reader.run(args.run)
         rid = int(run["run_id"])

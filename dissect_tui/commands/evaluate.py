@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from dissect_tui.evaluation import LabelMetrics
 
     console = output_console()
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     notes: list[str] = []
     with reader:
         ctx = resolve_class_layer(reader, args.run, args.layer, args.classes)

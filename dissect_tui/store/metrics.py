@@ -7,6 +7,7 @@ that has the file open keeps working.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from dissect_tui import filesafety
 from dissect_tui.errors import CacheError
 from dissect_tui.store.reader import CacheReader, reading
 from dissect_tui.store.writer import CacheWriter
@@ -105,6 +107,38 @@ def read_metrics(
         sql += " AND analysis = ?"
         params.append(analysis)
     return reader.con.execute(sql + " ORDER BY run_id, analysis, rowid", params).fetchall()
+
+
+_BUSY = "; wait for it to finish"
+
+
+def reserve_for_metrics(path: str | Path) -> Path:
+    """Take this process's write lock on the cache at ``path`` before a command computes what it
+    will save there, and check its folder can be written; returns the file that will be written.
+
+    Another dissect-tui process writing the cache, or a folder the new file cannot be written
+    to, is refused at once (with the --no-save hint) instead of after the computation. Whether
+    the file is a cache is for the reader to say (it opens it next); CacheWriter checks again when
+    saving and reuses the lock, released by its commit or abort, or at the end of the command.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return path  # nothing to lock: opening it says what is wrong
+    final = filesafety.writable_target(path, "DB")
+    hint = "pass --no-save to print the results without storing them"
+    taken_here = not filesafety.holds(final)
+    try:
+        filesafety.acquire(final)
+    except CacheError as exc:
+        head, busy, _ = str(exc).partition(_BUSY)
+        if not busy:
+            raise
+        raise CacheError(f"{head}{_BUSY}, or {hint}") from None
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        if taken_here:
+            filesafety.release(final)
+        raise CacheError(f"cannot write in folder {final.parent}, where the metrics are stored: {hint}")
+    return final
 
 
 def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[MetricRow]]]) -> Path:
