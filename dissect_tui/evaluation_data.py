@@ -8,6 +8,7 @@ a rescoring needs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,20 +132,37 @@ def clip_text_encoder(reader: Any, run: dict[str, Any], clip: str | None, device
         )
     from dissect_tui.text_encoding import tower_key
 
-    base_key = tower_key(str(run.get("clip_key") or ""), run.get("template"))
+    # Texts the tower encodes here are stored under its key when the metrics are saved
+    # (store_rows), so the next evaluate/analyze of this cache loads no CLIP for them.
+    base_key = tower_key(str(run.get("clip_key") or ""), run.get("template")) or None
     stored = concept_embeddings_by_text(reader, base_key) if base_key else {}
     spec = f"{run.get('clip_model')}:{run.get('clip_pretrained')}"
 
     def load() -> Any:
         try:
-            return ts.load_clip_text(spec, resolve_device(device))
+            loaded = ts.load_clip_text(spec, resolve_device(device))
         except UserError as exc:
             raise UserError(
                 f"texts missing from the cache need the run's CLIP text tower ({spec}): {exc} "
                 "(pass --clip NAME:/path/to/checkpoint for a local copy)"
             ) from None
+        key = getattr(getattr(loaded, "clip", None), "key", None)
+        if key is not None and key != base_key:
+            encoder.store_key = None  # other weights under the run's path now: never store their vectors
+        return loaded
 
-    return ts.CachedTextEncoder(stored, load, f"CLIP {spec}")
+    encoder = ts.CachedTextEncoder(stored, load, f"CLIP {spec}", store_key=base_key)
+    return encoder
+
+
+def encoded_note(encoder: Any, saving: bool) -> str | None:
+    """The note for texts the CLIP encoder had to compute, or None when every text was stored."""
+    n = getattr(encoder, "n_encoded", 0)
+    if not n:
+        return None
+    kept = " (kept in the cache with the metrics: the next run loads no CLIP for them)"
+    keeps = saving and getattr(encoder, "store_key", None)
+    return f"{n} texts were not in the cache and were encoded with {encoder.name}" + (kept if keeps else "")
 
 
 def mpnet_encoder(spec: str | None, device: str, notes: list[str]) -> Any | None:
@@ -186,10 +204,21 @@ def open_db(arg: str, save: bool = False) -> tuple[Path, Any]:
     return path, open_cache(path)
 
 
-def store_rows(path: Path, entries: list[tuple[int, str, list[tuple[str, float | None, str | None]]]]) -> str:
+def store_rows(
+    path: Path,
+    entries: list[tuple[int, str, list[tuple[str, float | None, str | None]]]],
+    encoders: Sequence[Any] = (),
+) -> str:
+    """Save metrics; texts that ``encoders`` (CachedTextEncoder) had to encode are stored with them
+    as embeddings of their text tower, so the next evaluate/analyze loads no CLIP for them."""
     from dissect_tui.store.metrics import save_metrics
 
-    save_metrics(path, entries)
+    embeddings = []
+    for enc in encoders:
+        key, fresh = getattr(enc, "store_key", None), getattr(enc, "fresh", None)
+        if key and fresh:
+            embeddings.append((key, list(fresh), np.stack(list(fresh.values()))))
+    save_metrics(path, entries, embeddings)
     n = sum(len(rows) for _, _, rows in entries)
     names = ", ".join(f"'{a}'" for a in sorted({a for _, a, _ in entries}))
     return f"stored {n} metrics in {path} (SELECT * FROM metrics WHERE analysis IN ({names}))"

@@ -2,7 +2,10 @@
 
 Metrics go to the ``metrics(run_id, analysis, metric, value, details)`` table of the cache
 itself: the cache is copied, extended and atomically swapped in (CacheWriter), so a browser
-that has the file open keeps working.
+that has the file open keeps working. With them go the CLIP text embeddings the command had to
+compute (class names, labels of a templated run): extra ``concepts`` rows and
+``concept_embeddings`` rows under the text tower's key, in no run's concept set
+(``run_concepts`` is untouched), so the next command finds them like concept embeddings.
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def read_metrics(
     return reader.con.execute(sql + " ORDER BY run_id, analysis, rowid", params).fetchall()
 
 
+# (clip_key, texts, [len(texts), D] unit vectors): text embeddings to keep in the cache
+TextEmbeddings = tuple[str, Sequence[str], np.ndarray]
+
 _BUSY = "; wait for it to finish"
 
 
@@ -141,8 +147,13 @@ def reserve_for_metrics(path: str | Path) -> Path:
     return final
 
 
-def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[MetricRow]]]) -> Path:
-    """Replace the metrics of each (run_id, analysis) in the cache at ``path``, atomically.
+def save_metrics(
+    path: str | Path,
+    entries: Sequence[tuple[int, str, Iterable[MetricRow]]],
+    embeddings: Sequence[TextEmbeddings] = (),
+) -> Path:
+    """Replace the metrics of each (run_id, analysis) in the cache at ``path``, atomically, and
+    add the text ``embeddings`` it does not have yet (see :func:`add_text_embeddings`).
 
     Close any CacheReader on ``path`` first: the new file is swapped in under its name.
     """
@@ -152,4 +163,35 @@ def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[Me
     with CacheWriter(path, base=path) as writer:
         for run_id, analysis, rows in entries:
             writer.write_metrics(run_id, analysis, list(rows))
+        for key, texts, emb in embeddings:
+            add_text_embeddings(writer, key, texts, emb)
         return writer.commit()
+
+
+def add_text_embeddings(writer: CacheWriter, clip_key: str, texts: Sequence[str], emb: np.ndarray) -> int:
+    """Store embeddings of ``texts`` under ``clip_key`` where the cache has none yet; returns how
+    many were added. Each text gets a ``concepts`` row (an existing one is reused) but joins no
+    run's concept set. Nothing is written when the cache has no embedding table or stores
+    vectors of another width (then these cannot come from the same text tower).
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    if not texts or emb.ndim != 2 or emb.shape[0] != len(texts) or not writer.has_table("concept_embeddings"):
+        return 0
+    width = writer.con.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE table_name = 'concept_embeddings' AND column_name = 'emb'"
+    ).fetchone()
+    if width is None or width[0] != f"FLOAT[{emb.shape[1]}]":
+        return 0
+    ids = writer.concept_ids(list(texts))
+    have = {
+        int(r[0])
+        for r in writer.con.execute(
+            "SELECT concept_id FROM concept_embeddings WHERE clip_key = ?", [clip_key]
+        ).fetchall()
+    }
+    keep = np.zeros(len(ids), dtype=bool)
+    for i, cid in enumerate(ids.tolist()):
+        keep[i] = cid not in have
+        have.add(cid)  # a text given twice is stored once
+    writer.write_concept_embeddings(clip_key, ids[keep], emb[keep])
+    return int(keep.sum())
