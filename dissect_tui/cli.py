@@ -7,6 +7,11 @@ Every way a command can end is one line at most: a UserError, a full disk, a dam
 DuckDB failure or an OS error print ``error: …`` and exit 2; Ctrl-C exits 130, SIGTERM 143,
 SIGHUP 129 (128 + the signal), after the same cleanup (see dissect_tui.signals). Cache write
 locks still held when a command ends are released here.
+
+A command line argparse cannot parse (an unknown option, a missing argument, a bad value or
+choice) is the same: one ``error: …`` line and one hint naming the command's ``--help``, exit 2,
+never argparse's usage block. ``--help`` prints the full help; ``dissect-tui`` without a command
+prints the top-level help (the list of commands) on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import UserError
@@ -25,8 +31,25 @@ from dissect_tui.text import printable
 COMMANDS = ("index", "relabel", "browse", "sql", "export", "evaluate", "analyze")
 
 
+class UsageError(Exception):
+    """A command line that does not parse; ``prog`` is the (sub)command whose --help to suggest."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error()`` raises UsageError instead of printing the usage
+    block and exiting, so :func:`main` reports it like every other failure. Subparsers inherit it
+    (``add_subparsers`` builds them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UsageError(message, self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dissect-tui",
         description="Label every neuron of a vision network with CLIP-Dissect, store the results in "
         "DuckDB, and explore them in the terminal.",
@@ -46,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(parser, argv)
+    except UsageError as exc:
+        _say(f"error: {exc}")
+        _say(f"see '{exc.prog} --help'")
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -54,6 +84,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as exc:  # Ctrl-C again while the first ending was being reported
         return signals.exit_code(exc)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, but unrecognized arguments are reported by the (sub)command they
+    were given to, so the hint names that command's --help rather than the top level's."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The subparser that parsed the command line (``analyze weights``: the weights parser)."""
+    while True:
+        chosen = None
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(args, action.dest, None) or "")
+        if chosen is None:
+            return parser
+        parser = chosen
 
 
 def _run(args: argparse.Namespace) -> int:

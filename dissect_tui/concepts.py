@@ -11,6 +11,8 @@ or device is refused by name (it would block or never end).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +34,7 @@ SHIPPED: dict[str, str] = {
     "places365": "categories_places365.txt",
 }
 DEFAULT_CONCEPT_SET = "20k"
+SHIPPED_CLASS_LISTS = ("imagenet", "places365", "cifar100")  # class names in class-index order
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,14 @@ def load_concepts(spec: str) -> ConceptSet:
         raise UserError(f"concept file {path} is {kind}, not a regular text file")
     if not path.is_file():
         raise UserError(
-            f"unknown concept set {spec!r}: use one of {', '.join(SHIPPED)} or the path of a "
-            "UTF-8 text file with one concept per line"
+            _missing_list(
+                spec,
+                path,
+                "concept file",
+                "concept set",
+                SHIPPED,
+                "UTF-8 text file with one concept per line",
+            )
         )
     concepts = clean(read_text_lines(path, "concept file"), path.stem)
     if not concepts.texts:
@@ -109,19 +118,46 @@ def load_concepts(spec: str) -> ConceptSet:
     return concepts
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether the user meant a file rather than a shipped name: a folder part, ``~``, ``.``, or
+    a file suffix (``mine.txt``)."""
+    return "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or bool(Path(spec).suffix)
+
+
+def _missing_list(
+    spec: str, path: Path, file_what: str, set_what: str, shipped: Iterable[str], file_hint: str
+) -> str:
+    """Why ``spec`` names nothing: a file that is not there, a folder, or an unknown shipped name."""
+    names = ", ".join(shipped)
+    if path.is_dir():
+        return f"{file_what} {path} is a folder, not a text file (shipped {set_what}s: {names})"
+    if looks_like_path(spec):
+        return f"{file_what} {path} not found (shipped {set_what}s: {names})"
+    return f"unknown {set_what} {spec!r}: the shipped ones are {names}; or give the path of a {file_hint}"
+
+
 def class_names(spec: str) -> list[str]:
     """Class names in class-index order (no de-duplication: index i is class i).
 
     ``imagenet``, ``places365``, ``cifar100`` or a text file with one class per line.
     """
-    if spec in ("imagenet", "places365", "cifar100"):
+    if spec in SHIPPED_CLASS_LISTS:
         lines = [line for line in _shipped_text(SHIPPED[spec]).splitlines() if line.strip()]
         return [_line_to_text(spec, line) for line in lines]
     path = Path(spec).expanduser()
     if (kind := non_regular_kind(path)) is not None:
         raise UserError(f"class-name list {path} is {kind}, not a regular text file")
     if not path.is_file():
-        raise UserError(f"unknown class-name list {spec!r}: use imagenet, places365, cifar100 or a text file")
+        raise UserError(
+            _missing_list(
+                spec,
+                path,
+                "class-name list",
+                "class-name list",
+                SHIPPED_CLASS_LISTS,
+                "text file, one name per line",
+            )
+        )
     names = [line.strip() for line in read_text_lines(path, "class-name list") if line.strip()]
     if not names:
         raise UserError(f"class-name list {path} has no names (every line is empty)")

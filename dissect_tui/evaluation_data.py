@@ -8,6 +8,7 @@ a rescoring needs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,14 @@ def resolve_class_layer(
 
     run = reader.run(run_id)
     rid = int(run["run_id"])
-    infos = {info.layer: info for info in reader.layers()}
-    stored = dict(classifier_layers(reader))
+    infos = {info.layer: info for info in sorted(reader.layers(), key=lambda info: info.position)}
+    stored = dict(classifier_layers(reader))  # last layer first: the default
+
+    def network_order(names: Any) -> str:
+        return ", ".join(
+            sorted(names, key=lambda n: (n not in infos, infos[n].position if n in infos else 0))
+        )
+
     if layer is None:
         if stored:
             layer = next(iter(stored))
@@ -83,9 +90,9 @@ def resolve_class_layer(
                 )
             layer = guesses[0]
     if layer not in infos:
-        raise UserError(f"no layer {layer!r} in this cache; layers: {', '.join(infos) or 'none'}")
+        raise UserError(f"no layer {layer!r} in this cache; layers: {network_order(infos) or 'none'}")
     if need_weights and layer not in stored:
-        have = ", ".join(stored) or "none"
+        have = network_order(stored) or "none"
         raise UserError(
             f"no weights stored for layer {layer!r} (layers with weights: {have}); re-index with "
             f"{layer} among --layers so its weights are stored"
@@ -125,20 +132,37 @@ def clip_text_encoder(reader: Any, run: dict[str, Any], clip: str | None, device
         )
     from dissect_tui.text_encoding import tower_key
 
-    base_key = tower_key(str(run.get("clip_key") or ""), run.get("template"))
+    # Texts the tower encodes here are stored under its key when the metrics are saved
+    # (store_rows), so the next evaluate/analyze of this cache loads no CLIP for them.
+    base_key = tower_key(str(run.get("clip_key") or ""), run.get("template")) or None
     stored = concept_embeddings_by_text(reader, base_key) if base_key else {}
     spec = f"{run.get('clip_model')}:{run.get('clip_pretrained')}"
 
     def load() -> Any:
         try:
-            return ts.load_clip_text(spec, resolve_device(device))
+            loaded = ts.load_clip_text(spec, resolve_device(device))
         except UserError as exc:
             raise UserError(
                 f"texts missing from the cache need the run's CLIP text tower ({spec}): {exc} "
                 "(pass --clip NAME:/path/to/checkpoint for a local copy)"
             ) from None
+        key = getattr(getattr(loaded, "clip", None), "key", None)
+        if key is not None and key != base_key:
+            encoder.store_key = None  # other weights under the run's path now: never store their vectors
+        return loaded
 
-    return ts.CachedTextEncoder(stored, load, f"CLIP {spec}")
+    encoder = ts.CachedTextEncoder(stored, load, f"CLIP {spec}", store_key=base_key)
+    return encoder
+
+
+def encoded_note(encoder: Any, saving: bool) -> str | None:
+    """The note for texts the CLIP encoder had to compute, or None when every text was stored."""
+    n = getattr(encoder, "n_encoded", 0)
+    if not n:
+        return None
+    kept = " (kept in the cache with the metrics: the next run loads no CLIP for them)"
+    keeps = saving and getattr(encoder, "store_key", None)
+    return f"{n} texts were not in the cache and were encoded with {encoder.name}" + (kept if keeps else "")
 
 
 def mpnet_encoder(spec: str | None, device: str, notes: list[str]) -> Any | None:
@@ -166,18 +190,35 @@ def text_cosines(encoder: Any, a: list[str], b: list[str]) -> np.ndarray:
     return paired_cosine(encode_unique(encoder, a), encode_unique(encoder, b))
 
 
-def open_db(arg: str) -> tuple[Path, Any]:
+def open_db(arg: str, save: bool = False) -> tuple[Path, Any]:
+    """The cache's path and a reader on it. ``save``: the command will store its metrics, so it
+    takes the cache's write lock first, before any work: another dissect-tui process writing
+    the cache is reported now, not after minutes of computing (released when the command ends)."""
     from dissect_tui.store import open_cache, resolve_cache
+    from dissect_tui.store.metrics import reserve_for_metrics
 
     path = resolve_cache(arg)
     assert path is not None
+    if save:
+        reserve_for_metrics(path)
     return path, open_cache(path)
 
 
-def store_rows(path: Path, entries: list[tuple[int, str, list[tuple[str, float | None, str | None]]]]) -> str:
+def store_rows(
+    path: Path,
+    entries: list[tuple[int, str, list[tuple[str, float | None, str | None]]]],
+    encoders: Sequence[Any] = (),
+) -> str:
+    """Save metrics; texts that ``encoders`` (CachedTextEncoder) had to encode are stored with them
+    as embeddings of their text tower, so the next evaluate/analyze loads no CLIP for them."""
     from dissect_tui.store.metrics import save_metrics
 
-    save_metrics(path, entries)
+    embeddings = []
+    for enc in encoders:
+        key, fresh = getattr(enc, "store_key", None), getattr(enc, "fresh", None)
+        if key and fresh:
+            embeddings.append((key, list(fresh), np.stack(list(fresh.values()))))
+    save_metrics(path, entries, embeddings)
     n = sum(len(rows) for _, _, rows in entries)
     names = ", ".join(f"'{a}'" for a in sorted({a for _, a, _ in entries}))
     return f"stored {n} metrics in {path} (SELECT * FROM metrics WHERE analysis IN ({names}))"

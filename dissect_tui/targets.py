@@ -538,11 +538,14 @@ def _family_defaults(model: nn.Module, torchvision_model: bool) -> tuple[list[st
 
 
 def _layer_listing(names: list[str], wanted: str, limit: int = 40) -> str:
+    """``names`` (network order) for an error message; a long list is cut to the top-level names
+    and the ones closest to ``wanted``, still in network order."""
     if len(names) <= limit:
         return ", ".join(names)
     top = [n for n in names if "." not in n]
     close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.6)
-    shown = list(dict.fromkeys(close + top))[:limit]
+    order = {name: i for i, name in enumerate(names)}
+    shown = sorted(list(dict.fromkeys(close + top))[:limit], key=order.__getitem__)
     return f"{', '.join(shown)}, ... ({len(names)} in all: dotted names from model.named_modules())"
 
 

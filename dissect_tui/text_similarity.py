@@ -70,13 +70,26 @@ def load_clip_text(spec: str, device: str = "cpu") -> ClipTextEncoder:
 
 
 class CachedTextEncoder:
-    """Stored embeddings first (same text tower, so identical vectors), a lazily loaded encoder for the rest."""
+    """Stored embeddings first (same text tower, so identical vectors), a lazily loaded encoder for the rest.
 
-    def __init__(self, stored: Mapping[str, np.ndarray], fallback: Callable[[], TextEncoder], name: str):
+    ``fresh`` keeps what the encoder computed (text -> unit vector, in encoding order);
+    ``store_key``, when set, is the text tower's key (``concept_embeddings.clip_key``) under
+    which those vectors may be saved to the cache: None when they must not be (another model).
+    """
+
+    def __init__(
+        self,
+        stored: Mapping[str, np.ndarray],
+        fallback: Callable[[], TextEncoder],
+        name: str,
+        store_key: str | None = None,
+    ):
         self.stored = dict(stored)
         self._fallback_factory = fallback
         self._fallback: TextEncoder | None = None
         self.name = name
+        self.store_key = store_key
+        self.fresh: dict[str, np.ndarray] = {}
         self.n_encoded = 0  # texts that needed the model (reported by the commands)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -84,8 +97,9 @@ class CachedTextEncoder:
         if missing:
             if self._fallback is None:
                 self._fallback = self._fallback_factory()
-            fresh = self._fallback.encode(missing)
-            self.stored.update(zip(missing, _normalise(fresh), strict=True))
+            fresh = dict(zip(missing, _normalise(self._fallback.encode(missing)), strict=True))
+            self.stored.update(fresh)
+            self.fresh.update(fresh)
             self.n_encoded += len(missing)
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)

@@ -24,6 +24,7 @@ from dissect_tui.commands._options import add_common_options
 from dissect_tui.errors import UserError
 from dissect_tui.evaluation_data import (
     clip_text_encoder,
+    encoded_note,
     mpnet_encoder,
     open_db,
     resolve_class_layer,
@@ -169,7 +170,7 @@ def run_weights(args: argparse.Namespace) -> int:
 
     console = output_console()
     notes: list[str] = []
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         ctx, w, _, labels = _class_layer_weights(reader, args)
         encoders = {"clip": clip_text_encoder(reader, ctx.run, args.clip, args.device)}
@@ -213,8 +214,8 @@ def run_weights(args: argparse.Namespace) -> int:
     clip = results["clip"]
     plot = bar_plot([f"k={k}" for k in clip.ks] + ["all"], clip.kth + [clip.all_mean])
     console.print(plot, markup=False, highlight=False)
-    if getattr(encoders["clip"], "n_encoded", 0):
-        notes.append(f"{encoders['clip'].n_encoded} texts were encoded with {encoders['clip'].name}")
+    if (note := encoded_note(encoders["clip"], saving=not args.no_save)) is not None:
+        notes.append(note)
     for note in notes:
         console.print(Text("note: ", style="yellow") + plain(note))
 
@@ -229,7 +230,7 @@ def run_weights(args: argparse.Namespace) -> int:
             }
         )
         rows = [(m, v, details) for key, r in results.items() for m, v in r.rows(key)]
-        console.print(plain(store_rows(path, [(ctx.run_id, "weights", rows)])))
+        console.print(plain(store_rows(path, [(ctx.run_id, "weights", rows)], encoders=[encoders["clip"]])))
     return 0
 
 
@@ -248,7 +249,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     console = output_console()
     notes: list[str] = []
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         ctx, w, b, labels = _class_layer_weights(reader, args)
         logit_ids, logits = reader.layer_activations(ctx.layer)
@@ -264,6 +265,8 @@ def run_predict(args: argparse.Namespace) -> int:
         enc = clip_text_encoder(reader, ctx.run, args.clip, args.device)
         sim = _similarity_matrix(enc, ctx.class_names, labels).T  # [K, C]
     res = predict_from_descriptions(logits[il], inputs[ii], w, sim, b)
+    if (note := encoded_note(enc, saving=not args.no_save)) is not None:
+        notes.append(note)
     if res.linear_agreement is not None and res.linear_agreement < 0.99:
         notes.append(
             f"W·a + b reproduces the stored prediction for only {100 * res.linear_agreement:.1f}% of images "
@@ -318,7 +321,7 @@ def run_predict(args: argparse.Namespace) -> int:
             ("n_images", float(res.n_images), details),
             ("linear_agreement", res.linear_agreement, details),
         ]
-        console.print(plain(store_rows(path, [(ctx.run_id, "predict", rows)])))
+        console.print(plain(store_rows(path, [(ctx.run_id, "predict", rows)], encoders=[enc])))
     return 0
 
 
@@ -350,7 +353,7 @@ def run_interpretability(args: argparse.Namespace) -> int:
 
     console = output_console()
     levels = parse_levels(args.levels)
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     with reader:
         run = reader.run(args.run)
         rid = int(run["run_id"])

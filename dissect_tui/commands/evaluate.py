@@ -23,6 +23,7 @@ from dissect_tui.errors import UserError
 from dissect_tui.evaluation_data import (
     ClassLayer,
     clip_text_encoder,
+    encoded_note,
     load_scope,
     mpnet_encoder,
     open_db,
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from dissect_tui.evaluation import LabelMetrics
 
     console = output_console()
-    path, reader = open_db(args.db)
+    path, reader = open_db(args.db, save=not args.no_save)
     notes: list[str] = []
     with reader:
         ctx = resolve_class_layer(reader, args.run, args.layer, args.classes)
@@ -171,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
             results = _evaluate_rescored(reader, ctx, methods, args, enc, mp, notes)
         else:
             results = {str(ctx.run.get("similarity")): _evaluate_stored(reader, ctx, args, enc, mp, notes)}
-    if getattr(enc, "n_encoded", 0):
-        notes.append(f"{enc.n_encoded} texts were not in the cache and were encoded with {enc.name}")
+    if (note := encoded_note(enc, saving=not args.no_save)) is not None:
+        notes.append(note)
 
     what = "rescored" if args.similarity else "stored labels"
     title = (
@@ -217,5 +218,5 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             entries.append((ctx.run_id, analysis, [(k, v, details) for k, v in m.rows() if v is not None]))
-        console.print(plain(store_rows(path, entries)))
+        console.print(plain(store_rows(path, entries, encoders=[enc])))
     return 0

@@ -2,11 +2,15 @@
 
 Metrics go to the ``metrics(run_id, analysis, metric, value, details)`` table of the cache
 itself: the cache is copied, extended and atomically swapped in (CacheWriter), so a browser
-that has the file open keeps working.
+that has the file open keeps working. With them go the CLIP text embeddings the command had to
+compute (class names, labels of a templated run): extra ``concepts`` rows and
+``concept_embeddings`` rows under the text tower's key, in no run's concept set
+(``run_concepts`` is untouched), so the next command finds them like concept embeddings.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from dissect_tui import filesafety
 from dissect_tui.errors import CacheError
 from dissect_tui.store.reader import CacheReader, reading
 from dissect_tui.store.writer import CacheWriter
@@ -107,8 +112,48 @@ def read_metrics(
     return reader.con.execute(sql + " ORDER BY run_id, analysis, rowid", params).fetchall()
 
 
-def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[MetricRow]]]) -> Path:
-    """Replace the metrics of each (run_id, analysis) in the cache at ``path``, atomically.
+# (clip_key, texts, [len(texts), D] unit vectors): text embeddings to keep in the cache
+TextEmbeddings = tuple[str, Sequence[str], np.ndarray]
+
+_BUSY = "; wait for it to finish"
+
+
+def reserve_for_metrics(path: str | Path) -> Path:
+    """Take this process's write lock on the cache at ``path`` before a command computes what it
+    will save there, and check its folder can be written; returns the file that will be written.
+
+    Another dissect-tui process writing the cache, or a folder the new file cannot be written
+    to, is refused at once (with the --no-save hint) instead of after the computation. Whether
+    the file is a cache is for the reader to say (it opens it next); CacheWriter checks again when
+    saving and reuses the lock, released by its commit or abort, or at the end of the command.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return path  # nothing to lock: opening it says what is wrong
+    final = filesafety.writable_target(path, "DB")
+    hint = "pass --no-save to print the results without storing them"
+    taken_here = not filesafety.holds(final)
+    try:
+        filesafety.acquire(final)
+    except CacheError as exc:
+        head, busy, _ = str(exc).partition(_BUSY)
+        if not busy:
+            raise
+        raise CacheError(f"{head}{_BUSY}, or {hint}") from None
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        if taken_here:
+            filesafety.release(final)
+        raise CacheError(f"cannot write in folder {final.parent}, where the metrics are stored: {hint}")
+    return final
+
+
+def save_metrics(
+    path: str | Path,
+    entries: Sequence[tuple[int, str, Iterable[MetricRow]]],
+    embeddings: Sequence[TextEmbeddings] = (),
+) -> Path:
+    """Replace the metrics of each (run_id, analysis) in the cache at ``path``, atomically, and
+    add the text ``embeddings`` it does not have yet (see :func:`add_text_embeddings`).
 
     Close any CacheReader on ``path`` first: the new file is swapped in under its name.
     """
@@ -118,4 +163,35 @@ def save_metrics(path: str | Path, entries: Sequence[tuple[int, str, Iterable[Me
     with CacheWriter(path, base=path) as writer:
         for run_id, analysis, rows in entries:
             writer.write_metrics(run_id, analysis, list(rows))
+        for key, texts, emb in embeddings:
+            add_text_embeddings(writer, key, texts, emb)
         return writer.commit()
+
+
+def add_text_embeddings(writer: CacheWriter, clip_key: str, texts: Sequence[str], emb: np.ndarray) -> int:
+    """Store embeddings of ``texts`` under ``clip_key`` where the cache has none yet; returns how
+    many were added. Each text gets a ``concepts`` row (an existing one is reused) but joins no
+    run's concept set. Nothing is written when the cache has no embedding table or stores
+    vectors of another width (then these cannot come from the same text tower).
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    if not texts or emb.ndim != 2 or emb.shape[0] != len(texts) or not writer.has_table("concept_embeddings"):
+        return 0
+    width = writer.con.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE table_name = 'concept_embeddings' AND column_name = 'emb'"
+    ).fetchone()
+    if width is None or width[0] != f"FLOAT[{emb.shape[1]}]":
+        return 0
+    ids = writer.concept_ids(list(texts))
+    have = {
+        int(r[0])
+        for r in writer.con.execute(
+            "SELECT concept_id FROM concept_embeddings WHERE clip_key = ?", [clip_key]
+        ).fetchall()
+    }
+    keep = np.zeros(len(ids), dtype=bool)
+    for i, cid in enumerate(ids.tolist()):
+        keep[i] = cid not in have
+        have.add(cid)  # a text given twice is stored once
+    writer.write_concept_embeddings(clip_key, ids[keep], emb[keep])
+    return int(keep.sum())
