@@ -195,11 +195,6 @@ INDEX_FLAGS = {"--help", "--quiet"}  # switches: nothing to default
 INDEX_OPT_IN = {"--embeddings-from"}  # off unless given
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="commands/index.py (not this branch's file): --clip help says '(default None)'; "
-    "fix: quote settings.DEFAULT_CLIP — then drop this marker",
-)
 def test_index_help_states_every_default():
     parser = dict((" ".join(p), parser) for p, parser in leaf_commands())["index"]
     missing = []

@@ -11,6 +11,7 @@ from dissect_tui.settings import (
     BATCH_SIZE_ACCELERATOR,
     BATCH_SIZE_CPU,
     DECODES,
+    DEFAULT_CLIP,
     POOLS,
     PRECISIONS,
     IndexSettings,
@@ -66,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--clip",
         metavar="NAME[:PRETRAINED]",
         help="open_clip model and pretrained tag, local checkpoint path or 'none'; NAME may be a model-config "
-        f"JSON file (default {_d('clip')})",
+        f"JSON file (default {DEFAULT_CLIP}; with --embeddings-from, that cache's CLIP)",
     )
     p.add_argument(
         "--embeddings-from",
