@@ -174,7 +174,7 @@ def record_images(
     ``share``: how many images ``batches`` holds when it is not the whole probe (a torchrun rank's
     share); ``minimum``: decoded images required (0 for a share: the whole run checks the total).
     """
-    from dissect_tui.targets import LayerRecorder
+    from dissect_tui.recording import LayerRecorder
 
     n_listed = len(probe)
     builders: dict[str, LayerStatsBuilder] = {}

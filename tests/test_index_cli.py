@@ -152,7 +152,8 @@ def test_stored_activations_and_labels_match_a_direct_computation(workspace):
     """Recompute one image's activations with the model, and SoftWPMI from stored data."""
     from dissect_tui.clip_backend import load_clip
     from dissect_tui.probe import resolve_probe
-    from dissect_tui.targets import LayerRecorder, load_target
+    from dissect_tui.recording import LayerRecorder
+    from dissect_tui.targets import load_target
 
     db = workspace["db"]
     target = load_target(workspace["factory"])

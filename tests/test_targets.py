@@ -16,15 +16,14 @@ from torch import nn
 
 from dissect_tui import targets
 from dissect_tui.errors import OfflineError, UserError
+from dissect_tui.recording import LayerRecorder, summarize
 from dissect_tui.targets import (
-    LayerRecorder,
     Target,
     final_linear,
     imagenet_preprocess,
     list_target_models,
     load_target,
     resolve_layers,
-    summarize,
 )
 
 RESNET_LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"]
