@@ -57,13 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dissect-tui {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dissect_tui.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dissect_tui.commands.{name}":
-                raise
-            continue  # a command not built yet
-        module.register(sub)
+        importlib.import_module(f"dissect_tui.commands.{name}").register(sub)
     return parser
 
 

@@ -179,7 +179,8 @@ CREATE VIEW latest_neurons AS
 # Columns added by each schema version, per relation: older caches are read without them.
 ADDED_IN = {2: {"runs": ("template",)}}
 
-# Documented relation names; readers check these exist.
+# Documented relation names (docs/SQL.md documents each; tests check the list against it). The reader
+# derives what it requires of a file from the DDL above, not from this list.
 RELATIONS = (
     "meta runs layers images thumbnails concepts run_concepts image_embeddings concept_embeddings "
     "activation_rows activations p top_images neurons neuron_concepts image_concepts image_softmax "

@@ -17,7 +17,6 @@ at a time writes a cache (a lock file, ``.NAME.lock``, names the writer's PID).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ from typing import Any, TypeVar
 import duckdb
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
@@ -692,12 +690,34 @@ def _reason(exc: BaseException) -> str:
     return first
 
 
+# Start-of-frame markers carry the image size (C4 = DHT, C8 = JPG, CC = DAC are not frames).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
 def _jpeg_size(data: bytes) -> tuple[int | None, int | None]:
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            return im.size
-    except (OSError, ValueError):
+    """(width, height) from a JPEG's frame header, without decoding (store/ imports no PIL)."""
+    if data[:2] != b"\xff\xd8":
         return None, None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None, None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF and i + 9 <= len(data):
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # scan data: no frame header before it
+            return None, None
+        i += 2 + length
+    return None, None
 
 
 def _now() -> datetime:
