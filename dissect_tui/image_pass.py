@@ -34,6 +34,26 @@ class ActivationSink(Protocol):
     def __call__(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None: ...
 
 
+class ImageTicks:
+    """Images already counted on the progress bar as they were decoded (in-process loading), so
+    the bar moves image by image instead of once per batch, and no image is counted twice."""
+
+    def __init__(self, progress: ProgressSink) -> None:
+        self.progress = progress
+        self.pending = 0
+
+    def tick(self) -> None:
+        self.pending += 1
+        self.progress.advance("images", 1)
+
+    def settle(self, n: int) -> None:
+        """A batch of ``n`` images is done: count the ones not counted while decoding."""
+        counted = min(self.pending, n)
+        self.pending -= counted
+        if n > counted:
+            self.progress.advance("images", n - counted)
+
+
 class ThumbnailSpool:
     """Small JPEGs of every decoded image, in an unlinked temporary file (nothing is left behind,
     even after SIGKILL); only those of some neuron's top images are read back at the end."""
@@ -163,6 +183,7 @@ def record_images(
     embeddings_of: Callable[[np.ndarray], torch.Tensor] | None = None,
     share: int | None = None,
     minimum: int = 2,
+    ticks: ImageTicks | None = None,
 ) -> ImagePass:
     """Run the target (with hooks on ``layers``) and CLIP's image tower over ``batches``.
 
@@ -213,7 +234,10 @@ def record_images(
                     chunks.add(layer, ok_ids, a)
                 emb_chunks.append(emb)
                 ok_chunks.append(ids[ok])
-            progress.advance("images", len(ids))
+            if ticks is not None:
+                ticks.settle(len(ids))
+            else:
+                progress.advance("images", len(ids))
         chunks.flush()
         shapes = dict(recorder.output_shapes)
     progress.finish("images")

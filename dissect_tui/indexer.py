@@ -30,7 +30,7 @@ from dissect_tui.activation_stats import LayerStats, LayerStatsBuilder
 from dissect_tui.concepts import ConceptSet, load_concepts
 from dissect_tui.embedding_source import EmbeddingSource, open_embedding_source
 from dissect_tui.errors import CacheError, UserError
-from dissect_tui.image_pass import ImagePass, ThumbnailSpool, record_images
+from dissect_tui.image_pass import ImagePass, ImageTicks, ThumbnailSpool, record_images
 from dissect_tui.methods import get_method
 from dissect_tui.progress import NullProgress, ProgressSink, StageClock
 from dissect_tui.runtime import device_label, resolve_device, resolve_precision
@@ -359,7 +359,12 @@ def _text_encoder(s: IndexSettings, setup: IndexSetup) -> TextEncoder:
 
 
 def _image_batches(
-    setup: IndexSetup, s: IndexSettings, stats: Any, clock: StageClock, order: list[int] | None = None
+    setup: IndexSetup,
+    s: IndexSettings,
+    stats: Any,
+    clock: StageClock,
+    order: list[int] | None = None,
+    ticks: ImageTicks | None = None,
 ) -> Iterator[Any]:
     """Batches of decoded probe images: PIL in loader workers, or JPEGs decoded on the device."""
     from dissect_tui.fast_decode import iter_device_batches
@@ -368,7 +373,13 @@ def _image_batches(
     transforms = _transforms(setup.target, setup.clip_model)
     if setup.decode_plan is None:
         return iter_batches(
-            setup.probe, transforms, setup.batch_size, setup.workers, s.thumbnail_px, order=order
+            setup.probe,
+            transforms,
+            setup.batch_size,
+            setup.workers,
+            s.thumbnail_px,
+            order=order,
+            on_image=None if ticks is None else ticks.tick,
         )
     # --decode auto: if the device path fails, the rest of the run decodes with PIL (one note)
     return iter_device_batches(
@@ -450,7 +461,8 @@ def run_images(
     from dissect_tui.fast_decode import DecodeStats
 
     stats = DecodeStats()
-    batches = _image_batches(setup, s, stats, clock, order)
+    ticks = ImageTicks(clock.progress)  # in-process decoding moves the bar image by image
+    batches = _image_batches(setup, s, stats, clock, order, ticks)
     make = stats_builder(
         s.similarity, hp, len(setup.probe), setup.device, keep=max(s.top_images, s.thumbnail_top)
     )
@@ -480,6 +492,7 @@ def run_images(
         else lambda ids: torch.from_numpy(setup.source.images(ids)),
         share=None if order is None else len(order),
         minimum=2 if order is None else 0,
+        ticks=ticks,
     )
     decode_used = "cpu"
     if setup.decode_plan is not None:

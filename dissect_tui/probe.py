@@ -619,17 +619,30 @@ class ProbeDataset(torch.utils.data.Dataset):
     """Decode each image once; run every transform on that decode; make the thumbnail."""
 
     def __init__(
-        self, probe: ProbeSet, transforms: Sequence[Callable], shapes: list[tuple[int, ...]], thumb_px: int
+        self,
+        probe: ProbeSet,
+        transforms: Sequence[Callable],
+        shapes: list[tuple[int, ...]],
+        thumb_px: int,
+        on_image: Callable[[], None] | None = None,
     ):
         self.probe = probe
         self.transforms = list(transforms)
         self.shapes = shapes
         self.thumb_px = thumb_px
+        self.on_image = on_image  # in-process only: a callback does not cross to loader workers
 
     def __len__(self) -> int:
         return len(self.probe)
 
     def __getitem__(self, index: int) -> ProbeRow:
+        try:
+            return self._decode(index)
+        finally:
+            if self.on_image is not None:
+                self.on_image()
+
+    def _decode(self, index: int) -> ProbeRow:
         size = None
         try:
             img, size = self.probe.open_with_size(index)
@@ -675,16 +688,20 @@ def iter_batches(
     thumbnail_px: int = 96,
     start: int = 0,
     order: Sequence[int] | None = None,
+    on_image: Callable[[], None] | None = None,
 ) -> Iterator[Batch]:
     """Batches of the images ``order`` (default: every image, in probe order) from position
     ``start`` on; workers=0 decodes in-process. Failed images give ok=False rows. A torchrun rank
-    passes the images of its own batches as ``order`` (dissect_tui.distributed)."""
+    passes the images of its own batches as ``order`` (dissect_tui.distributed). ``on_image`` is
+    called after each image decoded in-process (workers=0), so progress can move image by image."""
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
     if workers < 0:
         raise UserError("workers must be 0 or more")
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
-    dataset: torch.utils.data.Dataset = ProbeDataset(probe, transforms, shapes, thumbnail_px)
+    dataset: torch.utils.data.Dataset = ProbeDataset(
+        probe, transforms, shapes, thumbnail_px, on_image if workers == 0 else None
+    )
     if start or order is not None:
         items = range(len(probe)) if order is None else order
         dataset = torch.utils.data.Subset(dataset, list(items)[start:])

@@ -579,3 +579,38 @@ def test_a_large_cache_is_announced_and_one_that_cannot_fit_is_refused(
     err = capsys.readouterr().err
     assert rc == 2 and "free but the cache needs about" in err.splitlines()[-1], err
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_progress_moves_image_by_image_and_counts_each_image_once(workspace, tmp_path):
+    """In-process decoding advances the images bar per image (it stood still for a whole batch)."""
+    from dissect_tui.indexer import run_index
+    from dissect_tui.progress import NullProgress
+    from dissect_tui.settings import IndexSettings
+
+    class Recorder(NullProgress):
+        def __init__(self):
+            self.steps: list[int] = []
+            self.total = None
+
+        def start(self, stage, total, unit="items"):
+            if stage == "images":
+                self.total = total
+
+        def advance(self, stage, n=1):
+            if stage == "images":
+                self.steps.append(n)
+
+    rec = Recorder()
+    settings = IndexSettings(
+        model=workspace["factory"],
+        layers=LAYERS,
+        probe=[str(workspace["images"])],
+        clip=workspace["clip"].spec,
+        concepts="cifar100",
+        db=tmp_path / "p.duckdb",
+        device="cpu",
+        batch_size=16,
+    )
+    run_index(settings, rec)
+    assert sum(rec.steps) == rec.total == N_IMAGES + len(BROKEN_FILES)
+    assert set(rec.steps) == {1}
