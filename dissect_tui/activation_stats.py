@@ -22,8 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dissect_tui.similarity import top_images
-
 # Activations buffered before a merge into the running top lists: ~64 MB keeps merges rare
 # (each one sorts [K, 2·n_keep]) without holding much.
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -60,6 +58,25 @@ def _sorted_top(vals: Tensor, ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
     vals, ids = torch.gather(vals, 1, order), torch.gather(ids, 1, order)
     order = torch.argsort(vals, dim=1, descending=True, stable=True)[:, :n]
     return torch.gather(vals, 1, order), torch.gather(ids, 1, order)
+
+
+def _best_set(vals: Tensor, ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n best candidates of every row, by value then lower id, in no particular order.
+
+    ``ids`` is [K, m] or, shared by every row and ascending, [m]. A topk picks the set; only rows
+    where a value equal to the n-th best was left out (a tie at the boundary) are redone exactly,
+    so the set is the one a full sort would keep. The order is fixed once, in ``finish``."""
+    k, m = vals.shape
+    if m <= n:
+        return vals, (ids.expand(k, m) if ids.ndim == 1 else ids)
+    v, pos = torch.topk(vals, n, dim=1, sorted=False)
+    i = ids[pos] if ids.ndim == 1 else torch.gather(ids, 1, pos)
+    t = v.amin(dim=1, keepdim=True)
+    bad = ((vals == t).sum(1) > (v == t).sum(1)).nonzero().flatten()
+    if bad.numel():
+        row_ids = ids.expand(k, m)[bad] if ids.ndim == 1 else ids[bad]
+        v[bad], i[bad] = _sorted_top(vals[bad], row_ids, n)
+    return v, i
 
 
 class LayerStatsBuilder:
@@ -113,20 +130,20 @@ class LayerStatsBuilder:
         ids = torch.cat([i for i, _ in self._buf])
         acts = torch.cat([a for _, a in self._buf])
         self._buf, self._buf_rows = [], 0
-        order = torch.argsort(ids)  # top_images breaks ties by row: make rows follow ids
+        order = torch.argsort(ids)  # ids ascending along the rows of the transposed chunk
         ids, acts = ids[order], acts[order]
-        rows, vals = top_images(acts, self.n_keep)  # [K, n], ties → lower row = lower id
-        cand_ids = ids[rows]
+        vals, cand_ids = _best_set(acts.T.contiguous(), ids, self.n_keep)  # [K, ≤ n]
         if self.vals.shape[1] == 0:
             self.vals, self.ids = vals, cand_ids
             return
-        self.vals, self.ids = _sorted_top(
+        self.vals, self.ids = _best_set(
             torch.cat([self.vals, vals], 1), torch.cat([self.ids, cand_ids], 1), self.n_keep
         )
 
     def finish(self) -> LayerStats:
         self._flush()
-        return LayerStats(self.ids, self.vals, self.cross, self.sq_norm, self.n_images)
+        vals, ids = _sorted_top(self.vals, self.ids, self.n_keep)  # best first, ties by id
+        return LayerStats(ids, vals, self.cross, self.sq_norm, self.n_images)
 
 
 def merge_stats(parts: Sequence[LayerStats], n_keep: int) -> LayerStats:

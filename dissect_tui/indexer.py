@@ -666,7 +666,6 @@ def finish_index(
         origin = setup.source.path if setup.source is not None else plan.final_path
         clock.note(f"reused {len(texts) - n_encoded} concept embeddings from {origin}")
     with clock("write"):
-        writer.begin_bulk()
         record = index_run_record(s, setup, images, encoder, hp, plan.cutoff, decode_used)
         run_id = writer.add_run(**record)
         _note_scoring_path(setup.device, clock)

@@ -340,7 +340,7 @@ class DiskFullConnection:
             raise duckdb.FatalException(
                 "FATAL Error: database has been invalidated because of a previous fatal error"
             )
-        if sql.strip().upper() == self._fail_on:
+        if sql.strip().upper().split(" ")[0] == self._fail_on:  # "CHECKPOINT cache" too
             self._dead = True
             raise self._exc(self._message)
         return self._con.execute(sql, *args, **kwargs)
@@ -357,7 +357,8 @@ def failing_writes(monkeypatch, fail_on: str, **kw) -> None:
 
     def connect(database=":memory:", *args, **kwargs):
         con = real(database, *args, **kwargs)
-        if ".tmp-" in str(database) and not kwargs.get("read_only"):
+        # a cache under construction: its own file, or (streamed index) attached to :memory:
+        if (".tmp-" in str(database) or str(database) == ":memory:") and not kwargs.get("read_only"):
             return DiskFullConnection(con, fail_on, **kw)
         return con
 

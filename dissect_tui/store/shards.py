@@ -27,14 +27,22 @@ def shard_path(final: Path, rank: int) -> Path:
 
 
 class ShardWriter:
-    """Append-only activations of one rank (each append committed: memory stays bounded)."""
+    """Append-only activations of one rank, in one transaction with small row groups (memory
+    stays bounded, as in CacheWriter(stream=True))."""
 
     def __init__(self, final: Path, rank: int) -> None:
         self.path = shard_path(Path(final), rank)
         filesafety.remove_db_files(self.path)
         try:
-            self.con = signals.track(duckdb.connect(str(self.path)))
+            self.con = signals.track(duckdb.connect(":memory:"))
+            self.con.execute("SET temp_directory = ?", [str(self.path) + ".tmp"])
             self.con.execute(f"SET memory_limit = '{CacheWriter.STREAM_MEMORY_LIMIT}'")
+            self.con.execute("SET preserve_insertion_order = false")
+            self.con.execute(
+                f"ATTACH ? AS shard (ROW_GROUP_SIZE {CacheWriter.STREAM_ROW_GROUP})", [str(self.path)]
+            )
+            self.con.execute("USE shard")
+            self.con.execute("BEGIN TRANSACTION")
             self.con.execute(SHARD_TABLE)
         except duckdb.Error as exc:
             self.remove()
@@ -55,7 +63,8 @@ class ShardWriter:
 
     def close(self) -> None:
         try:
-            self.con.execute("CHECKPOINT")
+            self.con.execute("COMMIT")
+            self.con.execute("CHECKPOINT shard")
         finally:
             self.con.close()
 
