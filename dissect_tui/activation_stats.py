@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ class LayerStatsBuilder:
             raise ValueError(
                 f"expected [{ids.shape[0]}, {self.n_units}] activations, got {tuple(acts.shape)}"
             )
-        if self.cross is not None:
+        if self.cross is not None and self.sq_norm is not None:  # both or neither
             if image_emb is None:
                 raise ValueError("this builder accumulates Σ a·I: pass the batch's image embeddings")
             self.cross.addmm_(acts.T, image_emb.to(self.device, self.dtype))
@@ -151,6 +152,15 @@ def merge_stats(parts: Sequence[LayerStats], n_keep: int) -> LayerStats:
     vals, ids = _sorted_top(
         torch.cat([p.top_vals for p in parts], 1), torch.cat([p.top_ids for p in parts], 1), n_keep
     )
-    cross = None if parts[0].cross is None else sum(p.cross for p in parts[1:]) + parts[0].cross  # type: ignore[operator]
-    sq = None if parts[0].sq_norm is None else sum(p.sq_norm for p in parts[1:]) + parts[0].sq_norm  # type: ignore[operator]
+    # Parts come from like builders: each has cross (sq_norm) or none has.
+    cross = (
+        None
+        if parts[0].cross is None
+        else sum(cast(list[Tensor], [p.cross for p in parts[1:]])) + parts[0].cross
+    )
+    sq = (
+        None
+        if parts[0].sq_norm is None
+        else sum(cast(list[Tensor], [p.sq_norm for p in parts[1:]])) + parts[0].sq_norm
+    )
     return LayerStats(ids, vals, cross, sq, sum(p.n_images for p in parts))

@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
     block and exiting, so :func:`main` reports it like every other failure. Subparsers inherit it
     (``add_subparsers`` builds them with the parent's class)."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.prog)
 
 

@@ -66,7 +66,7 @@ class ClipModel:
     name: str
     pretrained: str
     key: str  # identity of the text tower; keys cached concept embeddings
-    model: torch.nn.Module
+    model: Any  # an open_clip model (a torch.nn.Module; open_clip has no type information)
     preprocess: Callable[[Any], torch.Tensor]  # RGB PIL image -> float [3, H, W]
     tokenizer: Callable
     device: torch.device
@@ -177,6 +177,7 @@ class _TruncatingTextTower:
         """Position each row is pooled at, exactly as open_clip's text_global_pool picks it."""
         if self.pool_type == "argmax":
             return tokens.argmax(dim=-1)
+        assert self.eos_id is not None  # _truncating_tower builds no 'eos' tower without an eos id
         return (tokens == self.eos_id).int().argmax(dim=-1)
 
     def real_lengths(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ def _is_causal_mask(mask: torch.Tensor | None) -> bool:
     return bool(torch.equal(torch.isneginf(mask), upper) and (mask[~upper] == 0).all())
 
 
-def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
+def _truncating_tower(model: Any) -> _TruncatingTextTower | None:
     """The truncating text path for ``model``, or None where it is not provably exact.
 
     Exact only for the standard open_clip towers (exact classes, so no overridden forward):
@@ -221,6 +222,7 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
     from open_clip.model import CLIP, CustomTextCLIP
     from open_clip.transformer import CustomTransformer, TextTransformer, Transformer
 
+    parts: dict[str, Any]
     if type(model) is CLIP:
         parts = dict(
             token_embedding=model.token_embedding,
@@ -260,7 +262,7 @@ def _truncating_tower(model: torch.nn.Module) -> _TruncatingTextTower | None:
     return tower if _tower_matches(model, tower) else None
 
 
-def _tower_matches(model: torch.nn.Module, tower: _TruncatingTextTower) -> bool:
+def _tower_matches(model: Any, tower: _TruncatingTextTower) -> bool:
     """The mirror of open_clip's encode_text gives its numbers on two short texts (guards against
     an open_clip release that changes the text tower's internals); else the public path runs."""
     context = int(tower.positional_embedding.shape[0])
@@ -602,9 +604,9 @@ def _quiet_open_clip() -> Iterator[None]:
                 del _quiet_threads[me]
             if not _quiet_threads:
                 for name, proxy in _patched.items():
-                    module = sys.modules.get(name)
-                    if module is not None and getattr(module, "logging", None) is proxy:
-                        module.logging = logging  # type: ignore[attr-defined]
+                    loaded = sys.modules.get(name)
+                    if loaded is not None and getattr(loaded, "logging", None) is proxy:
+                        loaded.logging = logging  # type: ignore[attr-defined]
                 _patched.clear()
 
 

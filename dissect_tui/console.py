@@ -12,6 +12,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -46,10 +47,10 @@ class _Rate(TextColumn):
     def __init__(self) -> None:
         super().__init__("")
 
-    def render(self, task):  # type: ignore[override]
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         unit = task.fields.get("unit", "items")
-        return f"{speed:,.0f} {unit}/s" if speed else ""
+        return Text(f"{speed:,.0f} {unit}/s" if speed else "")
 
 
 class RichProgress:

@@ -19,11 +19,14 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dissect_tui.errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # Rank 0 encodes concepts and scores while the others wait: allow long runs.
 TIMEOUT = datetime.timedelta(hours=24)
@@ -90,8 +93,12 @@ class Group:
             raise UserError(
                 f"cannot join the torchrun group ({backend}): {str(exc).splitlines()[0]}"
             ) from None
-        # Objects (top lists, embeddings) travel through a CPU group whatever the device.
-        self._objects = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None
+        # Objects (top lists, embeddings) travel through a CPU group whatever the device. Every
+        # rank joins it, so new_group never answers GroupMember.NON_GROUP_MEMBER (-100).
+        self._objects = cast(
+            "ProcessGroup | None",
+            dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None,
+        )
 
     def barrier(self) -> None:
         self._dist.barrier(group=self._objects)

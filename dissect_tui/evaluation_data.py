@@ -206,7 +206,7 @@ def open_db(arg: str, save: bool = False) -> tuple[Path, Any]:
 
 def store_rows(
     path: Path,
-    entries: list[tuple[int, str, list[tuple[str, float | None, str | None]]]],
+    entries: Sequence[tuple[int, str, Sequence[tuple[str, float | None, str | None]]]],
     encoders: Sequence[Any] = (),
 ) -> str:
     """Save metrics; texts that ``encoders`` (CachedTextEncoder) had to encode are stored with them

@@ -56,7 +56,7 @@ class Explainer:
         self.clip_override = clip
         hp = run.get("hyperparameters") or {}
         self.a = float(hp.get("a", 10)) if isinstance(hp, dict) else 10.0
-        self.lam = float(hp.get("lam", hp.get("lambda", 1))) if isinstance(hp, dict) else 1.0
+        self.lam = float(hp["lam"] if "lam" in hp else hp.get("lambda", 1)) if isinstance(hp, dict) else 1.0
         self._clip: Any = None
         self._images: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
         self._tops: dict[str, torch.Tensor] = {}

@@ -35,9 +35,9 @@ import functools
 import io
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from PIL import Image, JpegImagePlugin
@@ -145,7 +145,7 @@ def _triple(values: Any) -> tuple[float, float, float] | None:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == 3 else None  # type: ignore[return-value]
+    return out if len(out) == 3 else None
 
 
 def _map_preset(t: Any) -> TensorPreprocess | None:
@@ -321,7 +321,7 @@ def map_transform(transform: Callable) -> TensorPreprocess | None:
     elif preset is not None and type(transform) is preset:
         spec = _map_preset(transform)
     elif type(transform) in (T.Compose, T2.Compose):
-        spec = _map_compose(transform.transforms)
+        spec = _map_compose(cast(Any, transform).transforms)
     if spec is None or not _agrees(transform, spec):
         return None
     return spec
@@ -422,7 +422,7 @@ class DecodeStats:
 class _Row(NamedTuple):
     """One image as a loader worker hands it over."""
 
-    index: int
+    image_index: int  # (a field named index would hide tuple.index)
     kind: int  # _DEVICE: ``data`` is decoded on the device; _PIL / _FAILED: done on the PIL path
     data: bytes | None  # the JPEG file
     cpu: list[torch.Tensor | None]  # per transform: the PIL path's tensor, where it ran there
@@ -476,7 +476,7 @@ class _BytesDataset(torch.utils.data.Dataset):
 
     def pil_row(self, index: int, tag: str) -> _Row:
         row = self.full[index]
-        cpu = list(row.tensors) if row.ok else [None] * self.n_transforms
+        cpu: list[torch.Tensor | None] = list(row.tensors) if row.ok else [None] * self.n_transforms
         return _Row(
             index,
             _PIL if row.ok else _FAILED,
@@ -540,7 +540,7 @@ class _BytesDataset(torch.utils.data.Dataset):
 
 
 def _collate_raw(rows: list[_Row]) -> _RawBatch:
-    datas = [r.data for r in rows if r.kind == _DEVICE]
+    datas = cast(list[bytes], [r.data for r in rows if r.kind == _DEVICE])  # device rows carry their file
     offsets = [0]
     for d in datas:
         offsets.append(offsets[-1] + len(d))
@@ -551,17 +551,18 @@ def _collate_raw(rows: list[_Row]) -> _RawBatch:
     )
     cpu: list[list[tuple[list[int], torch.Tensor]]] = []
     for t in range(len(rows[0].cpu)):
-        pos = [j for j, r in enumerate(rows) if r.cpu[t] is not None]
-        cpu.append([(pos, torch.stack([rows[j].cpu[t] for j in pos]))] if pos else [])
+        tensors = [r.cpu[t] for r in rows]
+        pos = [j for j, x in enumerate(tensors) if x is not None]
+        cpu.append([(pos, torch.stack([x for x in tensors if x is not None]))] if pos else [])
     return _RawBatch(
-        indices=torch.tensor([r.index for r in rows], dtype=torch.long),
+        indices=torch.tensor([r.image_index for r in rows], dtype=torch.long),
         kinds=[r.kind for r in rows],
         buffer=buffer,
         offsets=offsets,
         jpeg_pos=[j for j, r in enumerate(rows) if r.kind == _DEVICE],
         cpu=cpu,
         thumbnails=[r.thumbnail for r in rows],
-        sizes=[tuple(r.size) if r.size is not None else None for r in rows],
+        sizes=[r.size for r in rows],  # (width, height) tuples already
         errors=[r.error for r in rows],
         tags=[r.tag for r in rows],
     )
@@ -640,8 +641,8 @@ def _finish(
             thumbs[pos] = row.thumbnail
             for t in range(len(shapes)):
                 cpu[t] = [(p, x) for p, x in cpu[t] if pos not in p] + _drop_pos(cpu[t], pos)
-                if row.cpu[t] is not None:
-                    cpu[t].append(([pos], row.cpu[t].unsqueeze(0)))
+                if (tensor := row.cpu[t]) is not None:
+                    cpu[t].append(([pos], tensor.unsqueeze(0)))
         del decoded
         for t, spec in enumerate(plan.specs):
             if spec is not None:
@@ -658,8 +659,8 @@ def _finish(
             inputs.append(pieces[0][1])  # the common case: one size, nothing failed
             continue
         out = torch.zeros((n, *shape), device=device)  # failed rows stay zero, as on the PIL path
-        for pos, x in pieces:
-            out.index_copy_(0, _to_device(torch.tensor(pos, dtype=torch.long), device), x)
+        for positions, x in pieces:
+            out.index_copy_(0, _to_device(torch.tensor(positions, dtype=torch.long), device), x)
         inputs.append(out)
     return Batch(
         indices=raw.indices,
@@ -691,7 +692,7 @@ def _device_batches(
     thumbnail_px: int,
     stats: DecodeStats,
     order: Sequence[int] | None = None,
-) -> Iterator[Batch]:
+) -> Generator[Batch, None, None]:
     shapes = [transform_output_shape(t, i) for i, t in enumerate(transforms)]
     for t, spec in enumerate(plan.specs):
         if spec is not None and spec.crop is not None and (3, *spec.crop) != shapes[t]:
@@ -699,7 +700,9 @@ def _device_batches(
                 f"image transform #{t}: mapped crop {spec.crop} disagrees with its output {shapes[t]}"
             )
     dataset = _BytesDataset(probe, transforms, shapes, plan.specs, thumbnail_px, plan.device.type)
-    items: torch.utils.data.Dataset = dataset if order is None else torch.utils.data.Subset(dataset, list(order))
+    items: torch.utils.data.Dataset = (
+        dataset if order is None else torch.utils.data.Subset(dataset, list(order))
+    )
     loader = torch.utils.data.DataLoader(
         items,
         batch_size=batch_size,

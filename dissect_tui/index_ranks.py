@@ -87,7 +87,7 @@ def _merge(
         have = [p["stats"][layer] for p in parts if layer in p["stats"]]
         if have:
             stats[layer] = merge_stats(have, keep)
-    shapes = next((p["shapes"] for p in parts if p["shapes"]), {})
+    shapes: dict[str, str] = next((p["shapes"] for p in parts if p["shapes"]), {})
     return ImagePass(
         n_listed=n_listed,
         ok_ids=ids[order],

@@ -30,7 +30,7 @@ from dissect_tui.activation_stats import LayerStats, LayerStatsBuilder
 from dissect_tui.concepts import ConceptSet, load_concepts
 from dissect_tui.embedding_source import EmbeddingSource, open_embedding_source
 from dissect_tui.errors import CacheError, UserError
-from dissect_tui.image_pass import ImagePass, ImageTicks, ThumbnailSpool, record_images
+from dissect_tui.image_pass import ActivationSink, ImagePass, ImageTicks, ThumbnailSpool, record_images
 from dissect_tui.methods import get_method
 from dissect_tui.progress import NullProgress, ProgressSink, StageClock
 from dissect_tui.runtime import device_label, resolve_device, resolve_precision
@@ -223,7 +223,11 @@ def score_run(
         for name, r in results.items()
     }
     first = next(iter(results.values()))
-    if first.image_top_concepts is not None and first.image_lse is not None:
+    if (
+        first.image_top_concepts is not None
+        and first.image_top_sims is not None
+        and first.image_lse is not None
+    ):
         image = (
             first.image_top_concepts.cpu().numpy(),
             first.image_top_sims.float().cpu().numpy(),
@@ -450,7 +454,7 @@ def run_images(
     setup: IndexSetup,
     s: IndexSettings,
     hp: Mapping[str, Any],
-    sink: Callable[[str, np.ndarray, np.ndarray], None],
+    sink: ActivationSink,
     folder: Path,
     clock: StageClock,
     order: list[int] | None = None,
@@ -474,6 +478,7 @@ def run_images(
             check_space(folder, len(setup.probe), sum(widths.values()), clock)
         return make(layer, n_units, embed_dim)
 
+    source = setup.source
     images = record_images(
         setup.probe,
         batches,
@@ -487,9 +492,7 @@ def run_images(
         builder=builder,
         sink=sink,
         thumbnails=ThumbnailSpool(folder),
-        embeddings_of=None
-        if setup.source is None
-        else lambda ids: torch.from_numpy(setup.source.images(ids)),
+        embeddings_of=None if source is None else lambda ids: torch.from_numpy(source.images(ids)),
         share=None if order is None else len(order),
         minimum=2 if order is None else 0,
         ticks=ticks,
@@ -751,8 +754,8 @@ def _relabel_inputs(
     similarity = s.similarity or base["similarity"]
     method = get_method(similarity)
     stored = base.get("hyperparameters")
-    same = similarity == base["similarity"] and isinstance(stored, dict)
-    hp = method.validate({**(stored if same else {}), **s.hyperparameters})
+    kept = stored if similarity == base["similarity"] and isinstance(stored, dict) else {}
+    hp = method.validate({**kept, **s.hyperparameters})
     inherited = base.get("cutoff") if similarity == base["similarity"] else None
     cutoff, calibrated = resolve_cutoff(similarity, s.cutoff, inherited)
     check_cutoff(cutoff)

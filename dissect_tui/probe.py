@@ -661,7 +661,7 @@ class ProbeDataset(torch.utils.data.Dataset):
 class ProbeRow(NamedTuple):
     """One decoded image as ``ProbeDataset`` gives it (failed images: zero tensors and a reason)."""
 
-    index: int
+    image_index: int  # (a field named index would hide tuple.index)
     ok: bool
     tensors: list[torch.Tensor]  # one per transform
     thumbnail: bytes | None
@@ -671,11 +671,11 @@ class ProbeRow(NamedTuple):
 
 def _collate(rows: list[ProbeRow]) -> Batch:
     return Batch(
-        indices=torch.tensor([r.index for r in rows], dtype=torch.long),
+        indices=torch.tensor([r.image_index for r in rows], dtype=torch.long),
         ok=torch.tensor([r.ok for r in rows], dtype=torch.bool),
         inputs=[torch.stack([r.tensors[t] for r in rows]) for t in range(len(rows[0].tensors))],
         thumbnails=[r.thumbnail for r in rows],
-        sizes=[tuple(r.size) if r.size is not None else None for r in rows],
+        sizes=[r.size for r in rows],  # (width, height) tuples already
         errors=[r.error for r in rows],
     )
 

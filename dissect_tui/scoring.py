@@ -105,6 +105,8 @@ def score_layer(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device | None = None,
     on_progress: Progress | None = None,
+    image_top: int = 0,
+    image_ids: np.ndarray | None = None,
     **hp: float | int,
 ) -> LayerScores:
     """Score one layer: ``acts`` [N, K], ``image_emb`` [N, D], ``concept_emb`` [M, D] (L2-normalised).
@@ -122,6 +124,8 @@ def score_layer(
         memory_budget=memory_budget,
         device=device,
         on_progress=on_progress,
+        image_top=image_top,
+        image_ids=image_ids,
         **hp,
     )
     return out["layer"]
@@ -437,7 +441,7 @@ def pmi_pass(
                         ls = torch.log(e.sum(dim=1))
                         lse[ids[s0:s1]] = shift + ls
                         logs[ids[s0:s1]] = ls
-            if plans is not None:
+            if plans is not None and acc is not None:
                 _feed(Eb, plans[b], slot_rank, c, None if known else torch.exp(logs[ids]), acc, buf, tmp)
             done[0] += 1
             if on_progress is not None:

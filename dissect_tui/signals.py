@@ -150,8 +150,8 @@ def command_signals() -> Iterator[None]:
         with deferred():
             if watcher is not None:
                 signal.set_wakeup_fd(-1)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             os.close(write_fd)
             if watcher is not None:
                 watcher.join()
@@ -184,7 +184,7 @@ def deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if pending:
             previous[pending[0]](pending[0], None)

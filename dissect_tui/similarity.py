@@ -207,7 +207,7 @@ def rank_reorder(acts: Tensor, P: Tensor, **hp: float | int) -> Tensor:
     N, M = P.shape
     n = min(N, max(2, int(N * top_fraction)))
     idx, vals = top_images(acts.to(dt), n)
-    base = rank_baseline(vals, p, seed, n_perm).clamp_min(torch.finfo(dt).tiny)
+    base = rank_baseline(vals, p, int(seed), int(n_perm)).clamp_min(torch.finfo(dt).tiny)
     Pd = P.to(dt)
     K = idx.shape[0]
     out = torch.empty(K, M, dtype=dt, device=P.device)

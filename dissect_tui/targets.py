@@ -517,8 +517,8 @@ def _family_defaults(model: nn.Module, torchvision_model: bool) -> tuple[list[st
     final = last[0] if last is not None and _is_head(last[1]) else None
     if not torchvision_model:
         # Parameter-free children (pooling, flatten, activations) only repeat a neighbour's units.
-        with_params = [n for n, m in children if _has_params(m)]
-        return with_params or [n for n, _ in children], final, None
+        param_names = [n for n, m in children if _has_params(m)]
+        return param_names or [n for n, _ in children], final, None
     if isinstance(model, tvm.SwinTransformer):
         return ["permute", "head"], "head", None
     with_params = [(n, m) for n, m in children if _has_params(m) and "aux" not in n.lower()]

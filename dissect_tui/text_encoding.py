@@ -79,14 +79,15 @@ class TextEncoder:
     whose concepts are all cached never loads CLIP). ``key`` identifies its embeddings.
     """
 
-    def __init__(self, clip: Any | Callable[[], Any], template: str | None, tower: str | None = None):
+    def __init__(self, clip: Any, template: str | None, tower: str | None = None):
         check_template(template)
         self.template = template or None
-        self._clip = clip if hasattr(clip, "encode_texts") else None
-        self._load = None if self._clip is not None else clip
-        self._tower = tower if tower is not None else (self._clip.key if self._clip is not None else None)
-        if self._tower is None:
+        self._clip: Any = clip if hasattr(clip, "encode_texts") else None
+        self._load: Callable[[], Any] | None = None if self._clip is not None else clip
+        tower = tower if tower is not None else (self._clip.key if self._clip is not None else None)
+        if tower is None:
             raise ValueError("TextEncoder needs the tower key when CLIP is loaded lazily")
+        self._tower: str = tower
 
     @property
     def key(self) -> str:

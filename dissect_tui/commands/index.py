@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
 
 from dissect_tui.commands._options import add_scoring_options, scoring_options, split_list
 from dissect_tui.concepts import SHIPPED
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="probe images, repeatable (union): a folder, a text file listing image paths, cifar100, "
         "cifar100-test, cifar100:/path/to/cifar-100-python, synthetic:N "
-        f"(default: {', '.join(_d('probe'))})",
+        f"(default: {', '.join(cast('list[str]', _d('probe')))})",
     )
     p.add_argument(
         "--concepts", help=f"concept set: {', '.join(SHIPPED)} or a text file (default {_d('concepts')})"

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode and (args.csv or args.json or args.parquet):
         raise UserError("--mode is for the table on the terminal, not --csv/--json/--parquet")
     parquet = _parquet_target(args.parquet, args.force) if args.parquet else None
-    db = resolve_cache(args.db)
+    db: Path = resolve_cache(args.db)  # DB is a required argument: never None
     if parquet is not None and parquet.exists() and Path(db).exists() and os.path.samefile(parquet, db):
         raise UserError(f"--parquet {parquet} is the cache itself; name another file")
     reader = open_cache(db)
@@ -159,7 +159,7 @@ def _copy_out(spool: IO[str]) -> None:
 
 
 # -- writers -----------------------------------------------------------------------------------
-def write_csv(cols: list[str], rows: Iterable[tuple], out: TextIO) -> int:
+def write_csv(cols: list[str], rows: Iterable[tuple], out: IO[str]) -> int:
     import csv
 
     writer = csv.writer(out, lineterminator="\n")
@@ -172,7 +172,7 @@ def write_csv(cols: list[str], rows: Iterable[tuple], out: TextIO) -> int:
     return n
 
 
-def write_json(cols: list[str], rows: Iterable[tuple], out: TextIO) -> int:
+def write_json(cols: list[str], rows: Iterable[tuple], out: IO[str]) -> int:
     """A JSON array of one object per row (duplicate column names get a suffix: a, a_1)."""
     import json
 

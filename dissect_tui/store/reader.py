@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import duckdb
 import numpy as np
@@ -550,6 +550,10 @@ def find_caches(cache_dir: Path = DEFAULT_CACHE_DIR) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+@overload
+def resolve_cache(arg: str, cache_dir: Path = ...) -> Path: ...
+@overload
+def resolve_cache(arg: None, cache_dir: Path = ...) -> None: ...
 def resolve_cache(arg: str | None, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path | None:
     """A path as given, or a model name resolved to cache/NAME.duckdb; None when arg is None."""
     if arg is None:

@@ -214,7 +214,7 @@ class CacheWriter:
         self.final_path = check_target(self.requested_path)  # takes the write lock
         self._committed = False
         self._closed = False
-        self.con: duckdb.DuckDBPyConnection | None = None  # type: ignore[assignment]
+        self._con: duckdb.DuckDBPyConnection | None = None
         lock = filesafety.acquire(self.final_path)
         if lock.writer_active:
             raise CacheError(f"{self.final_path} is already being written by this process")
@@ -228,7 +228,7 @@ class CacheWriter:
                     shutil.copyfile(base, self.tmp_path)
                 except OSError as exc:
                     raise CacheError(f"cannot copy cache {base} to {self.tmp_path}: {_reason(exc)}") from None
-            self.con = signals.track(self._connect())
+            self._con = signals.track(self._connect())
             self._start(base)
         except BaseException as exc:
             self.abort()
@@ -312,6 +312,12 @@ class CacheWriter:
                 [FORMAT_KEY, FORMAT_VALUE, FORMAT_KEY],
             )
 
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection to the temporary file (open from the end of ``__init__`` on)."""
+        assert self._con is not None, "CacheWriter.con before the connection was opened"
+        return self._con
+
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
         return self
@@ -359,10 +365,10 @@ class CacheWriter:
         # step once, so each step runs in the finally of the one before.
         with signals.deferred():
             try:
-                if self.con is not None and not self._closed:
+                if self._con is not None and not self._closed:
                     self._closed = True
                     try:
-                        self.con.close()
+                        self._con.close()
                     except Exception:  # noqa: BLE001 - closing a broken connection must not mask the cause
                         pass
             finally:

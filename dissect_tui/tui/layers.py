@@ -24,7 +24,7 @@ NAME_WIDTH = 9
 class LayerList(OptionList):
     """Rows of (layer, neurons, interpretable); Space, Enter or a click toggles the highlighted one."""
 
-    BINDINGS = [Binding("space", "toggle", "Select layer", show=False)]
+    BINDINGS = [Binding("space", "toggle_layer", "Select layer", show=False)]
 
     class Changed(Message):
         """The selection changed (indices into the layer rows; empty: all layers)."""
@@ -65,7 +65,7 @@ class LayerList(OptionList):
             self.replace_option_prompt_at_index(i, self.prompt(*row, i in selected))
         self.post_message(self.Changed(selected))
 
-    def action_toggle(self) -> None:
+    def action_toggle_layer(self) -> None:
         i = self.highlighted
         if i is not None and 0 <= i < len(self.rows):
             self.set_selected(self.selected ^ {i})
@@ -74,4 +74,4 @@ class LayerList(OptionList):
     def _selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()  # Enter or a click: the same toggle
         self.highlighted = event.option_index
-        self.action_toggle()
+        self.action_toggle_layer()
