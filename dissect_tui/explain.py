@@ -39,6 +39,24 @@ class Cancelled(Exception):
     """Raised from a progress callback when the user cancelled the computation."""
 
 
+def query_parameters(run: dict[str, Any]) -> tuple[float, float]:
+    """SoftWPMI's ``a`` and ``lam`` for free-text queries over this run: the run's own when its
+    method has them (its image_softmax was computed with that ``a``), else SoftWPMI's defaults.
+    A value a damaged or hostile cache holds (null, text, inf, out of range) is one clear error."""
+    from dissect_tui.methods import METHODS, SOFT_WPMI_A
+
+    defaults = METHODS["soft_wpmi"].defaults()
+    hp = run.get("hyperparameters") or {}
+    method = METHODS.get(str(run.get("similarity")))
+    if not isinstance(hp, dict) or method is None or not method.uses_softmax:
+        return SOFT_WPMI_A, float(defaults["lam"])
+    try:
+        checked = method.validate({k: hp[k] for k in ("a", "lam") if k in hp})
+    except UserError as exc:
+        raise UserError(f"run {run.get('run_id')} records unusable hyperparameters: {exc}") from None
+    return float(checked["a"]), float(checked["lam"])
+
+
 class Explainer:
     """One run's CLIP and stored tensors, loaded lazily and kept for the session.
 
@@ -54,9 +72,7 @@ class Explainer:
         self._cursor = cursor
         self.run = run
         self.clip_override = clip
-        hp = run.get("hyperparameters") or {}
-        self.a = float(hp.get("a", 10)) if isinstance(hp, dict) else 10.0
-        self.lam = float(hp["lam"] if "lam" in hp else hp.get("lambda", 1)) if isinstance(hp, dict) else 1.0
+        self.a, self.lam = query_parameters(run)
         self._clip: Any = None
         self._images: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
         self._tops: dict[str, torch.Tensor] = {}

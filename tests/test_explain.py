@@ -103,3 +103,20 @@ def test_missing_clip_is_one_clear_error(tmp_path):
             ex.query_scores(["dog"], table)
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("bad", [None, "x", float("inf"), -3, 1e308])
+def test_damaged_hyperparameters_are_one_clear_error(bad):
+    from dissect_tui.explain import query_parameters
+
+    run = {"run_id": 4, "similarity": "soft_wpmi", "hyperparameters": {"a": bad, "lam": 1.0}}
+    with pytest.raises(UserError, match="run 4 records unusable hyperparameters"):
+        query_parameters(run)
+
+
+def test_query_parameters_follow_the_runs_method():
+    from dissect_tui.explain import query_parameters
+
+    assert query_parameters({"similarity": "wpmi", "hyperparameters": {"a": 2.0, "lam": 0.6}}) == (2.0, 0.6)
+    assert query_parameters({"similarity": "cos", "hyperparameters": {}}) == (10.0, 1.0)
+    assert query_parameters({"similarity": "soft_wpmi", "hyperparameters": "not json"}) == (10.0, 1.0)
