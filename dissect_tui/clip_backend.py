@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from dissect_tui import compat
 from dissect_tui.errors import OfflineError, UserError
 from dissect_tui.network import can_reach
+from dissect_tui.settings import DEFAULT_CLIP
 from dissect_tui.userfiles import NotRegularFile, non_regular_kind, read_regular
 from dissect_tui.weights_init import skipped_weight_init
 
-DEFAULT_CLIP = "ViT-B-16:openai"
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
 _FULL_HASH_LIMIT = 64 * 2**20  # hash small files whole; big ones by size + first/last MiB

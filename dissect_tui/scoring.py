@@ -365,114 +365,138 @@ def pmi_pass(
     """
     if row_top is not None and not a > 0:
         raise ValueError(f"row_top needs a > 0 (the order of a·P is that of P), got a={a}")
-    img, Tm = image_emb, concept_emb
-    dt, dev = img.dtype, img.device
-    N, M = img.shape[0], Tm.shape[0]
-    esz = img.element_size()
-    n = tops[0].shape[1]
-    Ks = [t.shape[0] for t in tops]
-    offs = [0]
-    for k in Ks:
-        offs.append(offs[-1] + k)
-    Ktot = offs[-1]
-    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().cpu()
-    c = ((1 - w + min_prob) / w).to(dt).to(dev)  # factor offset per rank
-    log_w_sum = float(torch.log(w).sum())
-    slot_neuron = torch.arange(Ktot, device=dev).repeat_interleave(n)
-    slot_img = torch.cat([t.to(dev).reshape(-1) for t in tops])
-    slot_rank = torch.arange(n, device=dev).repeat(Ktot)
+    run = _PmiPass(tops, image_emb, concept_emb, a, lam, weights, min_prob, sink, memory_budget, on_progress)
+    run.row_top = row_top
+    first_rows = None if all_rows else run.union
+    nr_first = run.N if first_rows is None else run.union.numel()
+    M = run.M
+    if run.mc >= M:  # fused: one pass over the images for every concept
+        run.total = -(-nr_first // run.block_rows(nr_first, M, True))
+        acc = torch.zeros(run.Ktot, M, dtype=run.dt, device=run.dev)
+        run.rows_pass(first_rows, 0, M, False, acc)
+        run.finish(acc, 0)
+        return run.lse
+    # Two passes: softmax denominators first, then concept chunks over the top images only.
+    chunks = [(m0, min(M, m0 + run.mc)) for m0 in range(0, M, run.mc)]
+    union = run.union.numel()
+    run.total = -(-nr_first // run.block_rows(nr_first, M, False)) + sum(
+        -(-union // run.block_rows(union, m1 - m0, True)) for m0, m1 in chunks
+    )
+    run.rows_pass(first_rows, 0, M, False, None)
+    run.logs.zero_()
+    for m0, m1 in chunks:
+        acc = torch.zeros(run.Ktot, m1 - m0, dtype=run.dt, device=run.dev)
+        run.rows_pass(run.union, m0, m1, True, acc)
+        run.finish(acc, m0)
+        del acc
+    return run.lse
 
-    # Concept chunk: log p(t|B) for all neurons of the chunk must fit in ~40% of the budget.
-    mc = max(1, min(M, int(0.4 * memory_budget) // max(1, Ktot * esz)))
-    fused = mc >= M
-    gs_rows = max(8, min(256, (4 << 20) // max(1, M * esz)))  # factor buffers of ~4 MB
-    lse = torch.full((N,), math.nan, dtype=dt, device=dev)
-    logs = torch.zeros(N, dtype=dt, device=dev)  # log Σ exp(a·P − rowmax), 0 once lse is known
-    union = torch.unique(slot_img)
-    aI = img * a
 
-    def block_rows(nr: int, width: int, with_acc: bool) -> int:
+class _PmiPass:
+    """The state of one pmi_pass: slots (layer, neuron, rank) → image, per-image softmax sums."""
+
+    def __init__(
+        self,
+        tops: Sequence[Tensor],
+        img: Tensor,
+        Tm: Tensor,
+        a: float,
+        lam: float,
+        weights: Tensor | None,
+        min_prob: float,
+        sink: Sink,
+        memory_budget: int,
+        on_progress: Progress | None,
+    ) -> None:
+        self.img, self.Tm, self.a, self.lam, self.sink = img, Tm, a, lam, sink
+        self.budget, self.on_progress = memory_budget, on_progress
+        self.row_top: RowTop | None = None
+        self.dt, self.dev = img.dtype, img.device
+        self.N, self.M = img.shape[0], Tm.shape[0]
+        self.esz = img.element_size()
+        self.n = n = tops[0].shape[1]
+        self.offs = [0]
+        for t in tops:
+            self.offs.append(self.offs[-1] + t.shape[0])
+        self.Ktot = Ktot = self.offs[-1]
+        w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().cpu()
+        self.c = ((1 - w + min_prob) / w).to(self.dt).to(self.dev)  # factor offset per rank
+        self.log_w_sum = float(torch.log(w).sum())
+        self.slot_neuron = torch.arange(Ktot, device=self.dev).repeat_interleave(n)
+        self.slot_img = torch.cat([t.to(self.dev).reshape(-1) for t in tops])
+        self.slot_rank = torch.arange(n, device=self.dev).repeat(Ktot)
+        # Concept chunk: log p(t|B) for all neurons of the chunk must fit in ~40% of the budget.
+        self.mc = max(1, min(self.M, int(0.4 * memory_budget) // max(1, Ktot * self.esz)))
+        self.gs_rows = max(8, min(256, (4 << 20) // max(1, self.M * self.esz)))  # factor buffers of ~4 MB
+        self.lse = torch.full((self.N,), math.nan, dtype=self.dt, device=self.dev)
+        self.logs = torch.zeros(
+            self.N, dtype=self.dt, device=self.dev
+        )  # log Σ exp(a·P − rowmax); 0 once lse is known
+        self.union = torch.unique(self.slot_img)
+        self.aI = img * a
+        self.done = 0
+        self.total = 1
+
+    def block_rows(self, nr: int, width: int, with_acc: bool) -> int:
         """Rows of P per block: what the budget leaves after the accumulator and factor buffers."""
-        free = memory_budget - (Ktot * width * esz if with_acc else 0) - 2 * gs_rows * width * esz
+        esz = self.esz
+        free = self.budget - (self.Ktot * width * esz if with_acc else 0) - 2 * self.gs_rows * width * esz
         return max(16, min(nr, int(free * 0.9) // max(1, width * esz)))
 
-    done = [0]
-    total = [1]
-
-    def rows_pass(rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None) -> None:
+    def rows_pass(self, rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None) -> None:
         """P for rows (None = all images) × concepts [m0, m1); softmax; feed slots into acc."""
-        nr = N if rows is None else rows.numel()
+        dt, dev, esz = self.dt, self.dev, self.esz
+        nr = self.N if rows is None else rows.numel()
         width = m1 - m0
-        nb = block_rows(nr, width, acc is not None)
+        nb = self.block_rows(nr, width, acc is not None)
         n_blocks = -(-nr // nb)
         plans = None
         if acc is not None:
-            pos = slot_img if rows is None else torch.searchsorted(rows, slot_img)
+            pos = self.slot_img if rows is None else torch.searchsorted(rows, self.slot_img)
             # factors E + c_r·s lie in [c_min, 1 + c_max·s] with 1 ≤ s ≤ M (s = 1 once lse is known)
-            g = _group_size(float(c.min()), float(c.max()), 1 if known else width, dt)
-            plans = _plan_blocks(slot_neuron, pos, nb, n_blocks, g)
-        Tt = Tm[m0:m1].T
+            g = _group_size(float(self.c.min()), float(self.c.max()), 1 if known else width, dt)
+            plans = _plan_blocks(self.slot_neuron, pos, nb, n_blocks, g)
+        Tt = self.Tm[m0:m1].T
         E = torch.empty(min(nb, nr), width, dtype=dt, device=dev)
         # Matrix products in ~64 MB pieces (BLAS is ~2x slower on thin ones), softmax work in
         # ~8 MB pieces that stay in cache.
         sub_mm = max(1, min(nb, (64 << 20) // max(1, width * esz)))
         sub_ew = max(1, min(sub_mm, (8 << 20) // max(1, width * esz)))
-        buf = torch.empty(gs_rows, width, dtype=dt, device=dev)
-        tmp = torch.empty(gs_rows, width, dtype=dt, device=dev)
+        buf = torch.empty(self.gs_rows, width, dtype=dt, device=dev)
+        tmp = torch.empty(self.gs_rows, width, dtype=dt, device=dev)
         for b in range(n_blocks):
             r0, r1 = b * nb, min(nr, (b + 1) * nb)
             ids = torch.arange(r0, r1, device=dev) if rows is None else rows[r0:r1]
             Eb = E[: r1 - r0]
             for q0 in range(0, r1 - r0, sub_mm):
                 q1 = min(r1 - r0, q0 + sub_mm)
-                src = aI[r0 + q0 : r0 + q1] if rows is None else aI[ids[q0:q1]]
+                src = self.aI[r0 + q0 : r0 + q1] if rows is None else self.aI[ids[q0:q1]]
                 torch.mm(src, Tt, out=Eb[q0:q1])
                 for s0 in range(q0, q1, sub_ew):
-                    s1 = min(q1, s0 + sub_ew)
-                    e = Eb[s0:s1]
-                    if known:
-                        e.sub_(lse[ids[s0:s1], None]).exp_()
-                    else:  # first sight of these rows, over all concepts
-                        if row_top is not None:
-                            shift = row_top.update(ids[s0:s1], e, a)
-                        else:
-                            shift = e.amax(dim=1)
-                        e.sub_(shift[:, None]).exp_()
-                        ls = torch.log(e.sum(dim=1))
-                        lse[ids[s0:s1]] = shift + ls
-                        logs[ids[s0:s1]] = ls
+                    self._softmax_rows(Eb[s0 : min(q1, s0 + sub_ew)], ids[s0 : min(q1, s0 + sub_ew)], known)
             if plans is not None and acc is not None:
-                _feed(Eb, plans[b], slot_rank, c, None if known else torch.exp(logs[ids]), acc, buf, tmp)
-            done[0] += 1
-            if on_progress is not None:
-                on_progress(done[0], total[0])
+                scale = None if known else torch.exp(self.logs[ids])
+                _feed(Eb, plans[b], self.slot_rank, self.c, scale, acc, buf, tmp)
+            self.done += 1
+            if self.on_progress is not None:
+                self.on_progress(self.done, self.total)
 
-    def finish(acc: Tensor, m0: int) -> None:
+    def _softmax_rows(self, e: Tensor, ids: Tensor, known: bool) -> None:
+        """E = exp(a·P − shift) in place; on first sight of the rows also their lse and log-sums."""
+        if known:
+            e.sub_(self.lse[ids, None]).exp_()
+            return
+        # first sight of these rows, over all concepts
+        shift = self.row_top.update(ids, e, self.a) if self.row_top is not None else e.amax(dim=1)
+        e.sub_(shift[:, None]).exp_()
+        ls = torch.log(e.sum(dim=1))
+        self.lse[ids] = shift + ls
+        self.logs[ids] = ls
+
+    def finish(self, acc: Tensor, m0: int) -> None:
         # Σ_r log p_r − Σ_r log s(x_r) per neuron (log s is 0 for rows scored with known lse)
-        acc.add_((log_w_sum - logs[slot_img].view(Ktot, n).sum(1))[:, None])
-        for li, (k0, k1) in enumerate(zip(offs[:-1], offs[1:], strict=True)):
+        acc.add_((self.log_w_sum - self.logs[self.slot_img].view(self.Ktot, self.n).sum(1))[:, None])
+        for li, (k0, k1) in enumerate(zip(self.offs[:-1], self.offs[1:], strict=True)):
             lp = acc[k0:k1]
             prior = torch.logsumexp(lp, dim=0) - math.log(k1 - k0)
-            sink(li, m0, lp.sub_(lam * prior))  # in place: acc is not read again
-
-    first_rows = None if all_rows else union
-    nr_first = N if first_rows is None else union.numel()
-    if fused:
-        total[0] = -(-nr_first // block_rows(nr_first, M, True))
-        acc = torch.zeros(Ktot, M, dtype=dt, device=dev)
-        rows_pass(first_rows, 0, M, False, acc)
-        finish(acc, 0)
-        return lse
-    # Two passes: softmax denominators first, then concept chunks over the top images only.
-    chunks = [(m0, min(M, m0 + mc)) for m0 in range(0, M, mc)]
-    total[0] = -(-nr_first // block_rows(nr_first, M, False)) + sum(
-        -(-union.numel() // block_rows(union.numel(), m1 - m0, True)) for m0, m1 in chunks
-    )
-    rows_pass(first_rows, 0, M, False, None)
-    logs.zero_()
-    for m0, m1 in chunks:
-        acc = torch.zeros(Ktot, m1 - m0, dtype=dt, device=dev)
-        rows_pass(union, m0, m1, True, acc)
-        finish(acc, m0)
-        del acc
-    return lse
+            self.sink(li, m0, lp.sub_(self.lam * prior))  # in place: acc is not read again

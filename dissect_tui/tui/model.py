@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dissect_tui.methods import DEFAULT_CUTOFF
 from dissect_tui.store.browse import NeuronTable
 
 SORT_KEYS = ("layer", "unit", "label", "score", "query")
@@ -18,7 +19,7 @@ SORT_KEYS = ("layer", "unit", "label", "score", "query")
 @dataclass
 class Filters:
     layers: frozenset[int] = frozenset()  # empty: all layers
-    cutoff: float = 0.16
+    cutoff: float = DEFAULT_CUTOFF
     interpretable_only: bool = False
     text: str = ""
     pinned_only: bool = False

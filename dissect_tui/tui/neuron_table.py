@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from dissect_tui.methods import DEFAULT_CUTOFF
 from dissect_tui.text import printable
 from dissect_tui.tui.model import NeuronModel
 
@@ -68,7 +69,7 @@ class NeuronTable(ScrollView, can_focus=True):
         self.model: NeuronModel | None = None
         self.rows: np.ndarray = np.zeros(0, dtype=np.int64)
         self.cursor = 0
-        self.cutoff = 0.16
+        self.cutoff = DEFAULT_CUTOFF
         self.sort = "layer"
         self.reverse = False
 

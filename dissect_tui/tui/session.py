@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dissect_tui.methods import DEFAULT_CUTOFF
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.sidecar import Sidecar, run_key, sidecar_path
 from dissect_tui.tui.model import Filters, NeuronModel
@@ -21,7 +22,6 @@ from dissect_tui.tui.model import Filters, NeuronModel
 if TYPE_CHECKING:
     from dissect_tui.explain import Explainer
 
-DEFAULT_CUTOFF = 0.16  # the paper's τ, for a run that records none
 
 
 @dataclass
