@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -318,7 +318,8 @@ def prepare_index(s: IndexSettings, clock: StageClock) -> IndexSetup:
     workers = s.workers if s.workers is not None else (min(8, os.cpu_count() or 1) if accelerated else 0)
     target.model.to(device).eval()
     if device.type == "cuda":
-        target.model.to(memory_format=torch.channels_last)
+        # Module.to(memory_format=) is typed only in newer torch stubs (it works since 1.5)
+        cast(Any, target.model).to(memory_format=torch.channels_last)
     return IndexSetup(
         concept_set,
         probe,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -50,6 +51,22 @@ def make_tiny(root: Path) -> Tiny:
     from tiny_models import write_tiny_cnn_factory
 
     return Tiny(write_tiny_cnn_factory(root), make_tiny_clip(root).spec)
+
+
+@pytest.fixture(scope="module", name="tiny")
+def tiny_fixture(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """Import into a test module (with its name) to get `tiny`: the tiny model and CLIP files."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module", name="built")
+def built_fixture(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real index, copied by the tests that need a cache made by `index`."""
+    from dissect_tui.cli import main
+
+    db = tmp_path_factory.mktemp("built") / "tiny.duckdb"
+    assert main(tiny.index_argv(db)) == 0
+    return db
 
 
 def one_error_line(err: str, rc: int, code: int = 2) -> str:

@@ -53,7 +53,7 @@ class SeqLenSpy:
 
 
 def test_loads_config_and_checkpoint(tiny, clip):
-    saved = torch.load(tiny.checkpoint_path)
+    saved = torch.load(tiny.checkpoint_path, weights_only=True)
     assert torch.equal(clip.model.token_embedding.weight.cpu(), saved["token_embedding.weight"])
     assert torch.equal(clip.model.visual.conv1.weight.cpu(), saved["visual.conv1.weight"])
     assert clip.embed_dim == TINY_EMBED_DIM
@@ -66,7 +66,7 @@ def test_loads_config_and_checkpoint(tiny, clip):
 def test_checkpoint_load_leaves_nothing_uninitialised(tiny, clip):
     # weights are not drawn before a checkpoint load (weights_init): every saved tensor must
     # come from the file, and the unsaved buffers (causal mask) must be the normally built ones
-    saved = torch.load(tiny.checkpoint_path)
+    saved = torch.load(tiny.checkpoint_path, weights_only=True)
     state = clip.model.state_dict()
     assert state.keys() == saved.keys()
     for key, value in saved.items():
@@ -239,7 +239,7 @@ def test_config_needs_weights(tiny, tmp_path):
 
 
 def test_mismatched_checkpoint_names_keys(tiny, tmp_path):
-    state = torch.load(tiny.checkpoint_path)
+    state = torch.load(tiny.checkpoint_path, weights_only=True)
     state["text_projection_renamed"] = state.pop("text_projection")
     renamed = tmp_path / "renamed.pt"
     torch.save(state, renamed)
@@ -248,7 +248,7 @@ def test_mismatched_checkpoint_names_keys(tiny, tmp_path):
     assert "missing" in str(err.value) and "text_projection" in str(err.value)
     assert "text_projection_renamed" in str(err.value)
 
-    state = torch.load(tiny.checkpoint_path)
+    state = torch.load(tiny.checkpoint_path, weights_only=True)
     state["ln_final.weight"] = torch.ones(7)
     resized = tmp_path / "resized.pt"
     torch.save(state, resized)
@@ -348,7 +348,7 @@ def test_tag_download_success_loads_weights(tagged, monkeypatch):
     )
     loaded = load_clip(f"{FAKE_MODEL}:faketag")
     assert loaded.key == f"{FAKE_MODEL}:faketag"
-    saved = torch.load(tagged.checkpoint_path)
+    saved = torch.load(tagged.checkpoint_path, weights_only=True)
     assert torch.equal(loaded.model.token_embedding.weight, saved["token_embedding.weight"])
 
 
@@ -367,7 +367,7 @@ def test_tag_found_in_hf_cache_without_network(tagged_model, tmp_path, monkeypat
     monkeypatch.setattr(clip_backend, "_can_reach", _no_download)
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", _no_download)
     loaded = load_clip(f"{FAKE_MODEL}:faketag")
-    saved = torch.load(tagged.checkpoint_path)
+    saved = torch.load(tagged.checkpoint_path, weights_only=True)
     assert torch.equal(loaded.model.token_embedding.weight, saved["token_embedding.weight"])
 
 

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-import struct
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
+from forged_images import forged_jpeg
 from PIL import Image
 from tiny_clip import make_tiny_clip
 
@@ -25,17 +23,6 @@ from dissect_tui.probe import iter_batches, resolve_probe, synthetic_image
 from dissect_tui.targets import imagenet_preprocess
 
 CPU = torch.device("cpu")
-
-
-def forged_jpeg(path: Path, width: int, height: int) -> Path:
-    buf = io.BytesIO()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.find(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.fixture

@@ -12,27 +12,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import duckdb
 import pytest
 from cache_factory import make_cache
-from safety_helpers import ROOT, TESTS, child, dot_files, make_tiny, run_tables
+from safety_helpers import ROOT, TESTS, child, dot_files, run_tables
+from safety_helpers import built_fixture as built_fixture  # pytest fixture `built`
+from safety_helpers import tiny_fixture as tiny_fixture  # pytest fixture `tiny`
 
 from dissect_tui import signals
 from dissect_tui.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def built(tiny, tmp_path_factory) -> Path:
-    db = tmp_path_factory.mktemp("built") / "tiny.duckdb"
-    assert main(tiny.index_argv(db)) == 0
-    return db
 
 
 def check_interrupted(proc: subprocess.Popen, code: int, name: str) -> None:

@@ -14,7 +14,14 @@ from pathlib import Path
 import duckdb
 import pytest
 from cache_factory import make_cache
-from safety_helpers import child, dot_files, make_tiny, one_error_line, run_tables
+from safety_helpers import built_fixture as built_fixture  # pytest fixture `built`
+from safety_helpers import (
+    child,
+    dot_files,
+    one_error_line,
+    run_tables,
+)
+from safety_helpers import tiny_fixture as tiny_fixture  # pytest fixture `tiny`
 
 from dissect_tui import filesafety
 from dissect_tui.cli import main
@@ -23,19 +30,6 @@ from dissect_tui.store import open_cache
 from dissect_tui.store import writer as writer_module
 
 CLASSES = ["dog", "cat", "water", "sky", "grass", "red", "striped", "wheel", "face", "tree"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def built(tiny, tmp_path_factory) -> Path:
-    """One real index, copied by the tests that need a cache made by `index`."""
-    db = tmp_path_factory.mktemp("built") / "tiny.duckdb"
-    assert main(tiny.index_argv(db)) == 0
-    return db
 
 
 def cli(capsys, argv) -> tuple[int, str, str]:

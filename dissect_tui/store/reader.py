@@ -428,7 +428,7 @@ class CacheReader:
         try:
             batches = self.con.sql(
                 "SELECT image_id, acts FROM activation_rows WHERE layer = ? ORDER BY image_id", params=[layer]
-            ).fetch_record_batch(rows)
+            ).to_arrow_reader(rows)
             for batch in batches:
                 if batch.num_rows == 0:
                     continue

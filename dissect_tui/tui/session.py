@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from dissect_tui.explain import Explainer
 
 
-
 @dataclass
 class BrowseSession:
     """One run of one cache, as browsed. ``reader`` is an open read-only CacheReader."""
