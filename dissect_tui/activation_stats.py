@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Activations buffered before a merge into the running top lists: ~64 MB keeps merges rare
+# Activations buffered before a merge into the running top lists: ~16 MB keeps merges rare
 # (each one sorts [K, 2·n_keep]) without holding much.
-DEFAULT_BUFFER_BYTES = 64 << 20
+DEFAULT_BUFFER_BYTES = 16 << 20
 
 
 @dataclass

@@ -124,13 +124,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(final: Path) -> list[str]:
-    """Remove ``.NAME.tmp-PID`` (+ ``.wal``, + DuckDB's ``.tmp`` spill folder) of dead processes.
+    """Remove ``.NAME.tmp-PID`` and torchrun rank shards ``.NAME.rankR.tmp-PID`` (+ ``.wal``, +
+    DuckDB's ``.tmp`` spill folder) of dead processes.
 
-    Only names of exactly that pattern, of PIDs that are not running, are touched; one note
-    says what was removed. Returns the removed names.
+    Only names of exactly those patterns, of PIDs that are not running here, are touched; one
+    note says what was removed. Returns the removed names. Callers hold the cache's write lock,
+    so no run that could still use these files is going on (a shard of another machine's rank
+    belongs to the last run on this cache, which has ended).
     """
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)(\.wal|\.tmp)?")
+    pattern = re.compile(rf"\.{re.escape(final.name)}(?:\.rank\d+)?\.tmp-(\d+)(\.wal|\.tmp)?")
     try:
         entries = list(os.scandir(final.parent))
     except OSError:

@@ -27,7 +27,7 @@ from dissect_tui.errors import UserError
 from dissect_tui.progress import ProgressSink
 from dissect_tui.runtime import autocast, empty_cache, is_out_of_memory
 
-CHUNK_BYTES = 32 << 20  # activations handed to the sink at a time, per layer
+CHUNK_BYTES = 16 << 20  # activations handed to the sink at a time, per layer
 
 
 class ActivationSink(Protocol):

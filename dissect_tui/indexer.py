@@ -45,6 +45,7 @@ from dissect_tui.settings import (
     uncalibrated_cutoff_note,
 )
 from dissect_tui.store import CacheWriter, open_cache
+from dissect_tui.store.carry_over import carry_over
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.writer import check_target
 from dissect_tui.text_encoding import TextEncoder, tower_key
@@ -138,8 +139,9 @@ def _replacement_note(path: Path) -> str | None:
     if n_metrics:
         kept.append(f"{n_metrics} stored metric{'s' if n_metrics != 1 else ''}")
     return (
-        f"{path} will be replaced when this index finishes: its {' and '.join(kept)} belong to the old "
-        "activations and will be gone (copy the file first, or give another --db, to keep them)"
+        f"{path} will be replaced when this index finishes: its {' and '.join(kept)} are kept only if "
+        "this index reproduces the images, embeddings and activations they were computed from (same "
+        "model, weights and probe), otherwise dropped (copy the file first, or give another --db)"
     )
 
 
@@ -694,6 +696,7 @@ def finish_index(
             clock.note(uncalibrated_cutoff_note(s.similarity, plan.cutoff, scores.labels_scores()))
         writer.write_thumbnails(thumbnails_of(thumb_ids))
         write_classifier(writer, setup.target, setup.layers)
+        clock.note(carry_over(writer.con, plan.final_path, run_id).note(plan.final_path))
         writer.update_run(run_id, stage_seconds=clock.rounded())
         writer.commit()
     seconds = clock.rounded()

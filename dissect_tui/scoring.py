@@ -41,8 +41,8 @@ from torch import Tensor
 from . import similarity as sim
 from .activation_stats import LayerStats
 from .cpu_kernel import feed as _feed
+from .cpu_kernel import iter_plan_blocks as _plan_blocks
 from .cpu_kernel import kernel as _kernel  # noqa: F401 - tests and benchmarks check which path runs
-from .cpu_kernel import plan_blocks as _plan_blocks
 from .errors import UserError
 from .methods import get_method, validate
 from .similarity import top_images
@@ -476,7 +476,7 @@ class _PmiPass:
                     self._softmax_rows(Eb[s0 : min(q1, s0 + sub_ew)], ids[s0 : min(q1, s0 + sub_ew)], known)
             if plans is not None and acc is not None:
                 scale = None if known else torch.exp(self.logs[ids])
-                _feed(Eb, plans[b], self.slot_rank, self.c, scale, acc, buf, tmp)
+                _feed(Eb, next(plans), self.slot_rank, self.c, scale, acc, buf, tmp)
             self.done += 1
             if self.on_progress is not None:
                 self.on_progress(self.done, self.total)

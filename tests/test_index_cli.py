@@ -208,6 +208,27 @@ def _assert_image_summaries(r, run_id: int, p: torch.Tensor, a: float) -> None:
         assert s == pytest.approx(float(p[row].max()), abs=1e-5)
 
 
+def test_transactions_ended_while_activations_stream_change_nothing(workspace, tmp_path, monkeypatch):
+    """StreamCommits ends the build's transaction every 2,048 rows and 64 MB; with tiny thresholds
+    (many commits mid-build) the cache is the same as the one built in one go."""
+    from dissect_tui import image_pass
+    from dissect_tui.store.writer import StreamCommits
+
+    monkeypatch.setattr(StreamCommits, "ROWS", 16)
+    monkeypatch.setattr(StreamCommits, "BYTES", 1)
+    monkeypatch.setattr(image_pass, "CHUNK_BYTES", 1)  # every batch goes to the cache at once
+    ended = []
+    add = StreamCommits.add
+    monkeypatch.setattr(StreamCommits, "add", lambda self, r, b: ended.append(add(self, r, b)) or ended[-1])
+    db = tmp_path / "many-tx.duckdb"
+    assert main(_args_with_db(workspace, db)) == 0
+    assert sum(ended) >= N_IMAGES // 16 * len(LAYERS) // 2, ended  # ~one per batch and layer
+    sql = "SELECT layer, image_id, acts FROM activation_rows ORDER BY layer, image_id"
+    assert q(db, sql) == q(workspace["db"], sql)
+    labels = "SELECT layer, unit, concept_id, similarity FROM neurons ORDER BY layer, unit"
+    assert q(db, labels) == q(workspace["db"], labels)
+
+
 def test_relabel_changes_labels_and_keeps_the_index_run(workspace, tmp_path):
     db = tmp_path / "relabel.duckdb"
     db.write_bytes(workspace["db"].read_bytes())
@@ -468,21 +489,91 @@ def test_cutoff_of_another_method_is_not_kept_silently(workspace, tmp_path, caps
         assert r.run()["cutoff"] == 0.3
 
 
-def test_reindex_says_first_what_it_will_drop(workspace, tmp_path, capsys):
+def _labels(db: Path, run_id: int) -> list[tuple]:
+    return q(
+        db,
+        "SELECT n.layer, n.unit, c.text, n.similarity, n.interpretable FROM neurons n "
+        "JOIN concepts c USING (concept_id) WHERE run_id = ? ORDER BY 1, 2",
+        [run_id],
+    )
+
+
+def _top_concepts(db: Path, run_id: int) -> list[tuple]:
+    return q(
+        db,
+        "SELECT nc.layer, nc.unit, nc.rank, c.text, nc.score FROM neuron_concepts nc "
+        "JOIN concepts c USING (concept_id) WHERE run_id = ? ORDER BY 1, 2, 3",
+        [run_id],
+    )
+
+
+def test_reindex_keeps_relabel_runs_and_metrics_that_still_apply(workspace, tmp_path, capsys):
+    """Same model, weights and probe: the relabel run and both runs' metrics survive, renumbered,
+    and equal what relabelling the new cache computes."""
     db = tmp_path / "again.duckdb"
     db.write_bytes(workspace["db"].read_bytes())
-    args = [a if a != str(workspace["db"]) else str(db) for a in workspace["args"]]
+    args = _args_with_db(workspace, db)
     assert main(args) == 0  # only an index run there: nothing to say
     assert "will be replaced" not in capsys.readouterr().err
-    assert main(["relabel", str(db), "--similarity", "cos", "--cutoff", "0.1", "--quiet"]) == 0
+    relabel = [
+        "relabel",
+        str(db),
+        "--similarity",
+        "cos",
+        "--cutoff",
+        "0.1",
+        "--concepts",
+        "broden",
+        "--quiet",
+    ]
+    assert main(relabel) == 0
     with duckdb.connect(str(db)) as con:
-        con.execute("INSERT INTO metrics VALUES (2, 'evaluate', 'top1', 0.5, NULL)")
+        con.execute(
+            "INSERT INTO metrics VALUES (2, 'evaluate', 'top1', 0.5, NULL), (1, 'evaluate', 'top1', 0.25, NULL)"
+        )
+    before = {"labels": _labels(db, 2), "top": _top_concepts(db, 2), "index": _labels(db, 1)}
+    old_run = q(db, "SELECT concept_set, similarity, cutoff, clip_key FROM runs WHERE run_id = 2")
     capsys.readouterr()
     assert main([a for a in args if a != "--quiet"]) == 0
     err = capsys.readouterr().err
     first = err.splitlines()[0]
     assert "will be replaced when this index finishes" in first, err
-    assert "1 relabel run and 1 stored metric" in first
+    assert "1 relabel run and 2 stored metrics are kept only if" in first
+    assert "kept 1 relabel run and 2 stored metrics of the old again.duckdb" in err, err
+    assert q(db, "SELECT run_id, kind, parent_run_id FROM runs ORDER BY run_id") == [
+        (1, "index", None),
+        (2, "relabel", 1),
+    ]
+    assert q(db, "SELECT concept_set, similarity, cutoff, clip_key FROM runs WHERE run_id = 2") == old_run
+    assert _labels(db, 2) == before["labels"] and _top_concepts(db, 2) == before["top"]
+    assert _labels(db, 1) == before["index"]
+    assert sorted(q(db, "SELECT run_id, value FROM metrics")) == [(1, 0.25), (2, 0.5)]
+    with open_cache(db) as r:  # the file passes the full validation every command does
+        assert [x["run_id"] for x in r.runs()] == [1, 2]
+    # and it is what relabelling the new cache computes
+    assert main(relabel) == 0
+    assert _labels(db, 3) == before["labels"] and _top_concepts(db, 3) == before["top"]
+
+
+def test_reindex_drops_what_no_longer_applies_and_says_why(workspace, tmp_path, capsys):
+    db = tmp_path / "again.duckdb"
+    db.write_bytes(workspace["db"].read_bytes())
+    assert main(["relabel", str(db), "--similarity", "cos", "--cutoff", "0.1", "--quiet"]) == 0
+    with duckdb.connect(str(db)) as con:
+        con.execute(
+            "INSERT INTO metrics VALUES (2, 'evaluate', 'top1', 0.5, NULL), (1, 'evaluate', 'top1', 0.25, NULL)"
+        )
+    capsys.readouterr()
+    args = [a for a in _args_with_db(workspace, db) if a != "--quiet"] + ["--pool", "max"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert (
+        "dropped 1 relabel run and 2 stored metrics of the old again.duckdb: the activations of conv1, layer1 and layer2 changed"
+        in err
+    ), err
+    assert q(db, "SELECT run_id, kind FROM runs") == [(1, "index")]
+    assert q(db, "SELECT count(*) FROM metrics") == [(0,)]
+    assert q(db, "SELECT count(*) FROM neurons WHERE run_id <> 1") == [(0,)]
 
 
 def _args_with_db(workspace, db, drop=()):

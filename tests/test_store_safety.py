@@ -294,6 +294,31 @@ def test_a_killed_writer_leaves_nothing_the_next_run_does_not_clean(tmp_path, ca
     assert [r[1] for r in run_tables(db)] == ["index", "relabel"]
 
 
+def test_shards_of_a_killed_torchrun_rank_are_cleaned_by_the_next_writer(tmp_path, capsys):
+    """A SIGKILLed rank leaves .NAME.rankR.tmp-PID (+ .wal, + spill folder): removed like a
+    killed writer's file; a live process's shard and look-alike names are kept."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)  # that process has exited
+    db = make_cache(tmp_path / "c.duckdb")
+    stale = [tmp_path / f".c.duckdb.rank1.tmp-{pid}", tmp_path / f".c.duckdb.rank1.tmp-{pid}.wal"]
+    spill = tmp_path / f".c.duckdb.rank3.tmp-{pid}.tmp"
+    spill.mkdir()
+    (spill / "duckdb_temp_storage-0.tmp").write_bytes(b"spill")
+    keep = [
+        tmp_path / f".c.duckdb.rank1.tmp-{os.getpid()}",
+        tmp_path / f".c.duckdb.rankX.tmp-{pid}",
+        tmp_path / f".c.duckdb.rank2.tmp-{pid}.other",
+    ]
+    for p in stale + keep:
+        p.write_text("shard")
+    rc, _, err = cli(capsys, ["relabel", db, "--similarity", "wpmi", "--quiet"])
+    assert rc == 0, err
+    assert err.startswith("note: removed 3 leftover temporary file"), err
+    assert dot_files(tmp_path) == sorted(p.name for p in keep)
+
+
 def test_lock_file_names_the_owner_and_is_removed(tmp_path):
     final = tmp_path / "c.duckdb"
     lock = filesafety.acquire(final)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from dissect_tui import filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.writer import CacheWriter, _float_list_array, _reason
+from dissect_tui.store.writer import CacheWriter, StreamCommits, _float_list_array, _reason
 
 SHARD_TABLE = (
     "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
@@ -27,11 +27,12 @@ def shard_path(final: Path, rank: int) -> Path:
 
 
 class ShardWriter:
-    """Append-only activations of one rank, in one transaction with small row groups (memory
-    stays bounded, as in CacheWriter(stream=True))."""
+    """Append-only activations of one rank, with small row groups and a transaction ended now
+    and then (memory stays bounded, as in CacheWriter(stream=True))."""
 
     def __init__(self, final: Path, rank: int) -> None:
         self.path = shard_path(Path(final), rank)
+        self.commits = StreamCommits()
         filesafety.remove_db_files(self.path)
         try:
             self.con = signals.track(duckdb.connect(":memory:"))
@@ -56,6 +57,9 @@ class ShardWriter:
             self.con.register("_incoming", table)
             self.con.execute("INSERT INTO activation_rows SELECT ?, image_id, acts FROM _incoming", [layer])
             self.con.unregister("_incoming")
+            if self.commits.add(len(image_ids), acts.nbytes):
+                self.con.execute("COMMIT")
+                self.con.execute("BEGIN TRANSACTION")
         except duckdb.Error as exc:
             if signals.is_interrupt(exc):
                 raise
