@@ -28,7 +28,7 @@ from dissect_tui.errors import UserError
 from dissect_tui.text import printable
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("index", "relabel", "browse", "sql", "export", "evaluate", "analyze")
+COMMANDS = ("index", "relabel", "browse", "sql", "export", "evaluate", "analyze", "compose")
 
 
 class UsageError(Exception):

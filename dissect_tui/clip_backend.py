@@ -659,6 +659,46 @@ def _infer_tag_for_file(name: str, path: str) -> tuple[str, dict] | None:
     return None
 
 
+def _file_activation(name: str, path: str, inferred: tuple[str, dict] | None) -> tuple[bool, str | None]:
+    """(use QuickGELU, a note) for a local weights file loaded under a built-in model NAME.
+
+    Weights trained with QuickGELU (OpenAI's, some LAION ones) give different embeddings under
+    NAME's GELU: every label changes. A file recognised as such a tag's (its name, its Hugging
+    Face cache folder, or a TorchScript archive — how OpenAI released CLIP) gets QuickGELU; any
+    other file of a model that has QuickGELU tags gets a note saying how to choose."""
+    open_clip = _open_clip()
+    if open_clip.get_model_config(name).get("quick_gelu"):
+        return False, None
+    base = os.path.basename(path)
+    if inferred is not None:
+        tag, cfg = inferred
+        if cfg.get("quick_gelu"):
+            return True, f"CLIP: {base} looks like {name}:{tag}; using QuickGELU"
+        return False, None
+    from open_clip import pretrained as oc_pretrained
+
+    quick_tags = [
+        t
+        for t in oc_pretrained.list_pretrained_tags_by_model(name)
+        if oc_pretrained.get_pretrained_cfg(name, t).get("quick_gelu")
+    ]
+    if not quick_tags:
+        return False, None
+    if "openai" in quick_tags and compat.is_torchscript_archive(path):
+        return True, (
+            f"CLIP: {base} is a TorchScript archive, the format of OpenAI's CLIP releases, which use "
+            "QuickGELU; using QuickGELU"
+        )
+    alt = f"{name}-quickgelu" if f"{name}-quickgelu" in open_clip.list_models() else None
+    if alt is None:
+        return False, None
+    return False, (
+        f"CLIP: {base} is loaded as {name}, with GELU; if it holds weights trained with QuickGELU "
+        f"({', '.join(quick_tags[:3])}{', …' if len(quick_tags) > 3 else ''}), pass --clip {alt}:{path}, "
+        "or every embedding differs"
+    )
+
+
 def _shared_tag_preprocess(name: str) -> dict:
     """The preprocessing all of a model's tags agree on, for a local file of unknown origin."""
     from open_clip import pretrained as oc_pretrained
@@ -786,12 +826,13 @@ def _load_clip(spec: str, device: str, precision: str) -> ClipModel:
         if reg_name == name:
             preprocess_overrides = _shared_tag_preprocess(name)
         if inferred is not None:
-            tag, cfg = inferred
-            preprocess_overrides = cfg
-            if cfg.get("quick_gelu") and not open_clip.get_model_config(name).get("quick_gelu"):
-                quick_gelu = True
+            preprocess_overrides = inferred[1]
+        if reg_name == name:
+            quick_gelu, note = _file_activation(name, pretrained, inferred)
+            if quick_gelu:
                 key += "+quickgelu"
-                notes.append(f"CLIP: {os.path.basename(pretrained)} looks like {name}:{tag}; using QuickGELU")
+            if note:
+                notes.append(note)
     else:
         cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
         checkpoint = _fetch_tag_checkpoint(name, pretrained)

@@ -11,6 +11,7 @@ failing on an upgrade:
 - a per-thread OpenMP thread limit (torch's ``set_num_threads`` also changes the default of every
   thread started later, i.e. the whole process);
 - tarfile's ``data`` extraction filter (Python 3.11.4+; a manual member check before that).
+- TorchScript archives (OpenAI's CLIP release format) told apart from ``torch.save`` files.
 
 No module here is imported at import time of this one (torchvision, open_clip load lazily).
 """
@@ -254,3 +255,18 @@ def checkpoint_format_problem(path: str | os.PathLike) -> str | None:
     if head.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)) or head[257:262] == b"ustar":
         return None
     return "it is not a PyTorch checkpoint (neither a torch.save archive nor its legacy format)"
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a zip with ``code/`` and
+    ``constants.pkl`` under its top folder), not a ``torch.save`` state dict."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.split("/", 1)[-1] == "constants.pkl" for n in names) and any(
+        "/code/" in f"/{n}" for n in names
+    )

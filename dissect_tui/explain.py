@@ -99,7 +99,7 @@ class Explainer:
                 hint = (
                     ""
                     if self.clip_override
-                    else "; if its weights are elsewhere, browse with --clip NAME:PATH"
+                    else "; if its weights are elsewhere, pass --clip NAME:PATH (browse, compose)"
                 )
                 try:
                     clip = load_clip(self.clip_spec)
@@ -245,3 +245,76 @@ class Explainer:
         best_pairs = [(t, float(s)) for t, s in ranked if t not in single_set]
         best_singles = [(t, float(s)) for t, s in ranked if t in single_set]
         return len(singles), best_pairs, best_singles
+
+    # -- many neurons at once (`dissect-tui compose`) ------------------------------------------
+    def compose_many(
+        self,
+        layer: str,
+        units: list[int],
+        breadth: int,
+        on_texts: Callable[[int, int], None] | None = None,
+    ) -> list[tuple[int, int, list[tuple[str, float]], list[tuple[str, float]]]]:
+        """:meth:`compose` for several neurons of one layer: [(unit, breadth used, pairs, singles)].
+
+        Pair texts repeat across neurons (they share top concepts), so each distinct one is encoded
+        once; ``on_texts(done, total)`` follows the encoding. Neurons with fewer than two stored
+        concepts are left out."""
+        from dissect_tui.concept_query import compose_neuron, pair_texts
+
+        run_id = self.run["run_id"]
+        cur = self._cursor()
+        try:
+            rows = cur.neuron_concepts(run_id, layer, None, limit=breadth)
+            cids, texts = cur.run_concepts(run_id)
+            by_text = dict(zip(texts, cids.tolist(), strict=True))
+            wanted = set(units)
+            singles: dict[int, list[str]] = {}
+            for _, unit, _, text, _ in rows:
+                if unit in wanted:
+                    singles.setdefault(int(unit), []).append(text)
+            known = sorted({t for s in singles.values() for t in s})
+            emb = cur.concept_embeddings(self.run["clip_key"], np.array([by_text[t] for t in known]))
+        finally:
+            cur.close()
+        single_emb = dict(zip(known, torch.from_numpy(np.asarray(emb, dtype=np.float32)), strict=True))
+        todo = [u for u in units if len(singles.get(u, [])) >= 2]
+        distinct = list(dict.fromkeys(p for u in todo for p in pair_texts(singles[u])))
+        self.clip()  # load first: the slow step, before progress starts
+        done = 0
+
+        def on_batch(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_texts is not None:
+                on_texts(done, len(distinct))
+
+        if on_texts is not None:
+            on_texts(0, len(distinct))
+        encoded = self.encode(distinct, on_batch=on_batch) if distinct else torch.empty(0)
+        pair_emb = {t: encoded[i] for i, t in enumerate(distinct)}
+        _, img, _ = self._image_data()
+        top = self.top_rows(layer)
+        out = []
+        for unit in todo:
+            names = singles[unit]
+            pairs = pair_texts(names)
+            ranked = compose_neuron(
+                top,
+                unit,
+                img,
+                names,
+                torch.stack([single_emb[t] for t in names]),
+                torch.stack([pair_emb[t] for t in pairs]),
+                a=self.a,
+                lam=self.lam,
+            )
+            single_set = set(names)
+            out.append(
+                (
+                    unit,
+                    len(names),
+                    [(t, float(v)) for t, v in ranked if t not in single_set],
+                    [(t, float(v)) for t, v in ranked if t in single_set],
+                )
+            )
+        return out

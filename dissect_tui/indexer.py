@@ -46,6 +46,7 @@ from dissect_tui.settings import (
 )
 from dissect_tui.store import CacheWriter, open_cache
 from dissect_tui.store.carry_over import carry_over
+from dissect_tui.store.compositions import stored_composition_count
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.store.writer import check_target
 from dissect_tui.text_encoding import TextEncoder, tower_key
@@ -128,16 +129,19 @@ def _replacement_note(path: Path) -> str | None:
         with open_cache(path) as old:
             runs = old.runs()
             n_metrics = int(old.query("SELECT count(*) FROM metrics")[1][0][0])
+            n_comps = stored_composition_count(old.con)
     except CacheError:
         return None  # check_target already refused what must not be replaced
     relabels = sum(1 for r in runs if r.get("kind") != "index")
-    if not relabels and not n_metrics:
+    if not relabels and not n_metrics and not n_comps:
         return None
     kept = []
     if relabels:
         kept.append(f"{relabels} relabel run{'s' if relabels != 1 else ''}")
     if n_metrics:
         kept.append(f"{n_metrics} stored metric{'s' if n_metrics != 1 else ''}")
+    if n_comps:
+        kept.append(f"{n_comps} stored composition{'s' if n_comps != 1 else ''}")
     return (
         f"{path} will be replaced when this index finishes: its {' and '.join(kept)} are kept only if "
         "this index reproduces the images, embeddings and activations they were computed from (same "

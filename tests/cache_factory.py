@@ -7,6 +7,7 @@ labels, top images and top concepts are consistent with each other like in a rea
 from __future__ import annotations
 
 import io
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,19 @@ def make_cache(
         w.write_image_concepts(run_id, ok_ids, cids[best], np.take_along_axis(p, best, axis=1))
         lse = np.log(np.exp(10 * p).sum(axis=1))
         w.write_image_softmax(run_id, ok_ids, lse)
+        # what `dissect-tui compose` stores for a few neurons, some explained better by a pair
+        first = next(iter(layers))
+        made = datetime(2026, 1, 1)
+        comp = []
+        for unit in range(min(4, layers[first])):
+            a, b = concepts[unit % len(concepts)], concepts[(unit + 1) % len(concepts)]
+            single = float(rng.normal())
+            pair = single + (0.5 if unit % 2 == 0 else -0.5)
+            comp += [
+                (run_id, first, unit, 2, "pair", 1, f"{a} {b}", pair, made),
+                (run_id, first, unit, 2, "single", 1, a, single, made),
+            ]
+        w.con.executemany("INSERT INTO compositions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", comp)
         if "fc" in layers and "layer4" in layers:
             w.write_linear_weights(
                 "fc",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 from tiny_clip import TINY_EMBED_DIM, TINY_IMAGE_SIZE, make_tiny_clip
 
-from dissect_tui import clip_backend
+from dissect_tui import clip_backend, compat
 from dissect_tui.clip_backend import load_clip, parse_clip_spec
 from dissect_tui.errors import OfflineError, UserError
 
@@ -394,3 +395,34 @@ def test_file_fingerprint_depends_on_content(tmp_path: Path):
     b.write_bytes(b"\0" * 999 + b"\1")
     assert clip_backend.file_fingerprint(a) != clip_backend.file_fingerprint(b)
     assert clip_backend.file_fingerprint(a).startswith("1000-")
+
+
+# -- QuickGELU weights under a GELU model name (issue 11) ---------------------------------------
+def test_a_recognised_quickgelu_file_gets_quickgelu(tmp_path: Path):
+    for path in (
+        tmp_path / "ViT-B-32.pt",  # the file name of OpenAI's release
+        tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "x" / "m.bin",
+    ):
+        inferred = clip_backend._infer_tag_for_file("ViT-B-32", str(path))
+        assert inferred is not None and inferred[0] == "openai"
+        quick, note = clip_backend._file_activation("ViT-B-32", str(path), inferred)
+        assert quick and "looks like ViT-B-32:openai; using QuickGELU" in note
+
+
+def test_a_torchscript_archive_is_taken_for_openai_weights(tmp_path: Path):
+    path = tmp_path / "renamed.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are in its format
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    plain = tmp_path / "state.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
+    assert compat.is_torchscript_archive(path) and not compat.is_torchscript_archive(plain)
+    assert clip_backend._infer_tag_for_file("ViT-B-32", str(path)) is None
+    quick, note = clip_backend._file_activation("ViT-B-32", str(path), None)
+    assert quick and "TorchScript archive" in note
+    # an unrecognised state dict: GELU as named, and a note saying how to choose QuickGELU
+    quick, note = clip_backend._file_activation("ViT-B-32", str(plain), None)
+    assert not quick and f"pass --clip ViT-B-32-quickgelu:{plain}" in note
+    # names without QuickGELU weights, or already QuickGELU: nothing to say
+    assert clip_backend._file_activation("ViT-B-16-SigLIP", str(plain), None) == (False, None)
+    assert clip_backend._file_activation("ViT-B-32-quickgelu", str(path), None) == (False, None)

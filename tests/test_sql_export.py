@@ -424,6 +424,21 @@ def test_doc_covers_every_relation_and_column(reader):
             assert re.search(rf"\b{col}\b", section), f"{table}.{col} undocumented"
 
 
+def test_doc_image_recipes_still_answer_when_image_0_was_skipped(db, tmp_path):
+    """Recipes about "an image" pick the first decoded one: image 0 may be unreadable."""
+    copy = tmp_path / "skipped0.duckdb"
+    copy.write_bytes(db.read_bytes())
+    with duckdb.connect(str(copy)) as con:
+        con.execute("UPDATE images SET ok = false, error = 'cannot identify image file' WHERE image_id = 0")
+        for table in ("image_embeddings", "activation_rows", "top_images", "image_concepts", "image_softmax"):
+            con.execute(f"DELETE FROM {table} WHERE image_id = 0")
+    with open_cache(copy) as r:
+        for fragment in ("p.image_id = (SELECT", "t.image_id = (SELECT"):
+            sql = find_query(fragment)
+            assert "image_id = 0" not in sql
+            assert r.query(sql)[1], fragment
+
+
 def test_doc_top_images_query(reader):
     _, rows = reader.query(find_query("t.unit = 12"))
     assert [(r[0], r[1]) for r in rows] == [(r[0], r[1]) for r in reader.top_images("layer4", 12, 10)]

@@ -4,7 +4,8 @@ A relabel run is a function of the probe's images, their CLIP embeddings, the ac
 layers and its concept embeddings (which it brought itself). When a new index of the same model
 and probe reproduces those exactly, the old relabel run is exactly what relabelling the new
 cache would compute, so it is copied instead of lost; the metrics stored for it come along.
-Metrics of the old index run itself are kept when the new index run's labels are also the same.
+Metrics and stored compositions of the old index run itself are kept when the new index run's
+labels are also the same.
 
 "Exactly" is checked, not assumed from settings: each side's images, image embeddings and each
 layer's activations are summed as 128-bit sums of DuckDB row hashes (one pass over the new file
@@ -56,11 +57,21 @@ class CarryOver:
     kept_metrics: int = 0
     dropped_runs: int = 0
     dropped_metrics: int = 0
+    kept_compositions: int = 0  # neurons with a stored two-concept explanation
+    dropped_compositions: int = 0
     reason: str | None = None  # why something was dropped
 
     def note(self, path: Path) -> str | None:
-        kept = _counted(len(self.kept_runs), "relabel run") + _counted(self.kept_metrics, "stored metric")
-        dropped = _counted(self.dropped_runs, "relabel run") + _counted(self.dropped_metrics, "stored metric")
+        kept = (
+            _counted(len(self.kept_runs), "relabel run")
+            + _counted(self.kept_metrics, "stored metric")
+            + _counted(self.kept_compositions, "stored composition")
+        )
+        dropped = (
+            _counted(self.dropped_runs, "relabel run")
+            + _counted(self.dropped_metrics, "stored metric")
+            + _counted(self.dropped_compositions, "stored composition")
+        )
         parts = []
         if kept:
             parts.append(
@@ -90,12 +101,22 @@ def carry_over(con: duckdb.DuckDBPyConnection, previous: Path, index_run_id: int
         metrics_by_run = dict(
             old.con.execute("SELECT run_id, count(*) FROM metrics GROUP BY run_id").fetchall()
         )
+        comps_by_run = (
+            dict(
+                old.con.execute(
+                    "SELECT run_id, count(DISTINCT (layer, unit, breadth)) FROM compositions GROUP BY run_id"
+                ).fetchall()
+            )
+            if _has_table(old.con, "compositions")
+            else {}
+        )
         relabels = [r for r in runs if r.get("kind") != "index"]
         index_runs = [r for r in runs if r.get("kind") == "index"]
-        if not relabels and not metrics_by_run:
+        if not relabels and not metrics_by_run and not comps_by_run:
             return result
         result.dropped_runs = len(relabels)
         result.dropped_metrics = sum(metrics_by_run.values())
+        result.dropped_compositions = sum(comps_by_run.values())
         version = parse_version(
             dict(old.con.execute("SELECT key, value FROM meta").fetchall()).get("schema_version")
         )
@@ -130,6 +151,8 @@ def carry_over(con: duckdb.DuckDBPyConnection, previous: Path, index_run_id: int
         kept_metrics = sum(metrics_by_run.get(r, 0) for r in run_map)
         result.kept_metrics = kept_metrics
         result.dropped_metrics = sum(metrics_by_run.values()) - kept_metrics
+        result.kept_compositions = sum(comps_by_run.get(r, 0) for r in run_map)
+        result.dropped_compositions = sum(comps_by_run.values()) - result.kept_compositions
         result.reason = _reason(changed)
         if run_map:
             _copy(con, old.con, run_map, [r["run_id"] for r in keep], index_run_id)
@@ -182,6 +205,14 @@ def _copy(
         if relabel_ids:
             _copy_relabel_runs(new, old, relabel_ids, index_run_id)
         metrics = _rows(old, "SELECT * FROM metrics WHERE list_contains(?, run_id)", [list(run_map)])
+        if _has_table(old, "compositions") and _has_table(new, "compositions"):
+            found = _rows(old, "SELECT * FROM compositions WHERE list_contains(?, run_id)", [list(run_map)])
+            _insert(
+                new,
+                found,
+                "compositions",
+                "r.* REPLACE (m.new_id AS run_id) FROM _rows r JOIN _run_map m ON r.run_id = m.old_id",
+            )
         _insert(
             new,
             metrics,
@@ -256,6 +287,11 @@ def _copy_relabel_runs(
         "WHERE NOT EXISTS (SELECT 1 FROM concept_embeddings e "
         "WHERE e.clip_key = r.clip_key AND e.concept_id = c.new_id)",
     )
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    sql = "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND database_name = current_database()"
+    return bool(con.execute(sql, [name]).fetchall()[0][0])
 
 
 def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:

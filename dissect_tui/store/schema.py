@@ -145,6 +145,25 @@ CREATE TABLE metrics (
 """
 
 
+# Relations a cache may lack: a file built before they existed is still complete (the reader does
+# not require them). New caches get them empty; the command that fills one creates it if missing.
+OPTIONAL_TABLES = """
+CREATE TABLE IF NOT EXISTS compositions (
+    run_id INTEGER NOT NULL,
+    layer VARCHAR NOT NULL,
+    unit INTEGER NOT NULL,
+    breadth INTEGER NOT NULL,           -- how many of the neuron's top concepts were paired
+    kind VARCHAR NOT NULL,              -- 'pair' or 'single'
+    rank INTEGER NOT NULL,              -- 1 = best of its kind
+    text VARCHAR NOT NULL,
+    score DOUBLE NOT NULL,              -- SoftWPMI over the neuron's singles and their pairs
+    created_at TIMESTAMP NOT NULL
+);
+"""
+
+OPTIONAL_RELATIONS = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", OPTIONAL_TABLES))
+
+
 def embedding_tables(dim: int) -> str:
     """Embedding tables use fixed-size arrays so array_inner_product works on them."""
     return f"""
@@ -184,7 +203,7 @@ ADDED_IN = {2: {"runs": ("template",)}}
 RELATIONS = (
     "meta runs layers images thumbnails concepts run_concepts image_embeddings concept_embeddings "
     "activation_rows activations p top_images neurons neuron_concepts image_concepts image_softmax "
-    "linear_weights metrics latest_run latest_neurons"
+    "linear_weights metrics compositions latest_run latest_neurons"
 ).split()
 
 

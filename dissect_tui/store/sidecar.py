@@ -121,6 +121,15 @@ class Sidecar:
         singles = [(t, s) for k, t, s in rows if k == "single"]
         return int(row[0]), pairs, singles
 
+    def composition_time(self, layer: str, unit: int) -> float | None:
+        """When this browser last stored a result for the neuron (seconds since the epoch)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT max(created_at) FROM compositions WHERE run_key = ? AND layer = ? AND unit = ?",
+                (self.key, layer, unit),
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     # -- pins ------------------------------------------------------------------------------
     def pins(self) -> list[tuple[str, int]]:
         with self._connect() as con:

@@ -35,6 +35,7 @@ from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, 
 from dissect_tui.store.schema import (
     FORMAT_KEY,
     FORMAT_VALUE,
+    OPTIONAL_TABLES,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
     TABLES,
@@ -287,6 +288,7 @@ class CacheWriter:
         self.con.execute("BEGIN TRANSACTION")
         if base is None:
             self.con.execute(TABLES)
+            self.con.execute(OPTIONAL_TABLES)
             self.con.execute(
                 "INSERT INTO meta VALUES (?, ?), ('schema_version', ?), ('created_by', ?), ('created_at', ?)",
                 [

@@ -19,6 +19,7 @@ from dissect_tui.store.browse import (
     similar_labels,
     thumbnails,
 )
+from dissect_tui.store.compositions import stored_composition
 from dissect_tui.text import printable
 from dissect_tui.tui.base import HELP, QUIT, BrowseScreen
 from dissect_tui.tui.charts import bar_chart, histogram
@@ -138,9 +139,15 @@ class DetailScreen(BrowseScreen):
             thumbs = thumbnails(cur, ids)
             similar = similar_labels(cur, session.run_id, layer, unit)
             correlated, n_used = correlated_units(cur, layer, unit)
+            from_cache = stored_composition(cur.con, session.run_id, layer, unit)
         finally:
             cur.close()
         stored = session.sidecar.composition(layer, unit) if session.sidecar is not None else None
+        if from_cache is not None:
+            # `dissect-tui compose` results, unless this browser computed one since
+            made_here = session.sidecar.composition_time(layer, unit) if session.sidecar is not None else None
+            if stored is None or made_here is None or from_cache[3].timestamp() > made_here:
+                stored = from_cache[:3]
         self.post_message(self.Loaded(detail, thumbs, similar, correlated, n_used, stored))
 
     @on(Loaded)
