@@ -63,6 +63,7 @@ def build(path: Path, layers: dict[str, int], n_images: int, seed: int = 0) -> P
 async def measure(path: Path, text: str) -> dict[str, float]:
     from dissect_tui.store.reader import open_cache
     from dissect_tui.tui.app import BrowserApp
+    from dissect_tui.tui.detail import DetailScreen
     from dissect_tui.tui.neuron_table import NeuronTable
 
     t0 = time.perf_counter()
@@ -89,7 +90,25 @@ async def measure(path: Path, text: str) -> dict[str, float]:
                 await pilot.press(key)
                 press.append((time.perf_counter() - t) * 1000)
                 filt.append(scr.last_update_ms)
+        # the detail screen: Enter until its data is shown, Esc until the table is back
+        await pilot.press("escape")
+        opened, back = [], []
+        for _ in range(5):
+            t = time.perf_counter()
+            await pilot.press("enter")
+            while not isinstance(app.screen, DetailScreen) or app.screen.detail is None:
+                await asyncio.sleep(0.002)
+            await pilot.pause()
+            opened.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            await pilot.press("escape")
+            while app.screen is not scr:
+                await asyncio.sleep(0.002)
+            await pilot.pause()
+            back.append((time.perf_counter() - t) * 1000)
     return {
+        "detail_open_ms": statistics.median(opened),
+        "detail_back_ms": statistics.median(back),
         "neurons": n,
         "first_paint_s": first_paint,
         "tops_s": tops_loaded,
@@ -119,11 +138,13 @@ def main() -> int:
             rows.append(res)
     print(f"\nbrowse benchmark ({args.images:,} images, filter text {args.text!r}, typed then deleted)")
     print(f"{'cache':>6} {'neurons':>8} {'first paint':>12} {'search ready':>13} {'filter med':>11} "
-          f"{'filter max':>11} {'key→table med':>14} {'key→table max':>14} {'idle key':>9}")  # fmt: skip
+          f"{'filter max':>11} {'key→table med':>14} {'key→table max':>14} {'idle key':>9} "
+          f"{'detail open':>12} {'Esc back':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['size']:>6} {r['neurons']:>8,} {r['first_paint_s']:>10.2f} s {r['tops_s']:>11.2f} s "
               f"{r['filter_med_ms']:>8.1f} ms {r['filter_max_ms']:>8.1f} ms {r['press_med_ms']:>11.1f} ms "
-              f"{r['press_max_ms']:>11.1f} ms {r['idle_ms']:>6.1f} ms")  # fmt: skip
+              f"{r['press_max_ms']:>11.1f} ms {r['idle_ms']:>6.1f} ms "
+              f"{r['detail_open_ms']:>9.0f} ms {r['detail_back_ms']:>6.0f} ms")  # fmt: skip
     return 0
 
 

@@ -665,6 +665,7 @@ def finish_index(
     ``images`` holds the whole probe's results (a torchrun run merged them); ``thumbnails_of``
     returns the JPEGs of the chosen image ids, wherever they were decoded."""
     s, hp = plan.settings, plan.hp
+    writer.end_stream()  # every activation is in the cache
     texts = setup.concept_set.texts
     encoder = _text_encoder(s, setup)
     with clock("concepts"):

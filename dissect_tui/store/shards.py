@@ -15,7 +15,12 @@ import pyarrow as pa
 
 from dissect_tui import filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.writer import CacheWriter, StreamCommits, _float_list_array, _reason
+from dissect_tui.store.writer import (
+    CacheWriter,
+    StreamCommits,
+    _float_list_array,
+    _reason,
+)
 
 SHARD_TABLE = (
     "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
@@ -33,11 +38,12 @@ class ShardWriter:
     def __init__(self, final: Path, rank: int) -> None:
         self.path = shard_path(Path(final), rank)
         self.commits = StreamCommits()
+        self.memory_limit = CacheWriter.STREAM_MEMORY_BYTES
         filesafety.remove_db_files(self.path)
         try:
             self.con = signals.track(duckdb.connect(":memory:"))
             self.con.execute("SET temp_directory = ?", [str(self.path) + ".tmp"])
-            self.con.execute(f"SET memory_limit = '{CacheWriter.STREAM_MEMORY_LIMIT}'")
+            self.con.execute(f"SET memory_limit = '{CacheWriter.STREAM_MEMORY_BYTES // (1 << 20)}MB'")
             self.con.execute("SET preserve_insertion_order = false")
             self.con.execute(
                 f"ATTACH ? AS shard (ROW_GROUP_SIZE {CacheWriter.STREAM_ROW_GROUP})", [str(self.path)]
@@ -50,6 +56,12 @@ class ShardWriter:
             raise CacheError(f"cannot write {self.path}: {_reason(exc)}") from None
 
     def append_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
+        need = max(
+            CacheWriter.STREAM_MEMORY_BYTES, CacheWriter.STREAM_ROW_GROUP * acts.shape[1] * 6 + (64 << 20)
+        )
+        if need > self.memory_limit:  # as CacheWriter._fit_row_group
+            self.con.execute(f"SET memory_limit = '{need // (1 << 20)}MB'")
+            self.memory_limit = need
         table = pa.table(
             {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)}
         )

@@ -191,6 +191,14 @@ def _writing(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def stream_memory_limit(row_bytes: int) -> int:
+    """DuckDB's memory limit for streamed rows of this size: one unfinished row group (kept in
+    memory until it is full or committed) and room to commit it, at least STREAM_MEMORY_BYTES."""
+    return max(
+        CacheWriter.STREAM_MEMORY_BYTES, CacheWriter.STREAM_ROW_GROUP * row_bytes * 3 // 2 + (64 << 20)
+    )
+
+
 class StreamCommits:
     """When a streamed build ends its transaction: after at least ROWS rows (a whole row group,
     so no partial ones are left behind) and BYTES of activations (so narrow layers do not commit
@@ -228,8 +236,9 @@ class CacheWriter:
     # whatever the limit), so the transaction also ends every StreamCommits.ROWS rows and
     # StreamCommits.BYTES: 1.2 GB for the same rows, 30% faster, no larger file; a commit after
     # every batch instead leaves partial row groups (+60% file). bench/RESULTS.md has the figures.
-    STREAM_MEMORY_LIMIT = "384MB"
+    STREAM_MEMORY_BYTES = 384 << 20  # raised for wide layers: see _fit_row_group
     INGEST_BYTES = 64 << 20  # one slice of a rank's shard in memory at a time
+    STREAM_BIG_INSERT = 16 << 20  # other inserts at least this large end the transaction too
     STREAM_ROW_GROUP = 2048
 
     def __init__(self, final_path: Path, base: Path | None = None, *, stream: bool = False) -> None:
@@ -241,6 +250,8 @@ class CacheWriter:
         self._committed = False
         self._closed = False
         self._commits = StreamCommits()
+        self._stream_ended = False
+        self._memory_limit = self.STREAM_MEMORY_BYTES
         self._con: duckdb.DuckDBPyConnection | None = None
         lock = filesafety.acquire(self.final_path)
         if lock.writer_active:
@@ -270,7 +281,7 @@ class CacheWriter:
         try:
             # spill beside the file (as a file database would), where cleanup looks for it
             con.execute("SET temp_directory = ?", [str(self.tmp_path) + ".tmp"])
-            con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_LIMIT}'")
+            con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_BYTES // (1 << 20)}MB'")
             con.execute("SET preserve_insertion_order = false")
             con.execute(f"ATTACH ? AS cache (ROW_GROUP_SIZE {self.STREAM_ROW_GROUP})", [str(self.tmp_path)])
             con.execute("USE cache")
@@ -305,12 +316,38 @@ class CacheWriter:
     @_writing
     def append_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
         """Activations of some images, as the images stage produces them (``stream=True``)."""
+        self._fit_row_group(acts.shape[1] * 4)
         self._insert_arrow(
             "activation_rows",
             {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
             constants={"layer": layer},
         )
         self._streamed(len(image_ids), acts.nbytes)
+
+    @_writing
+    def end_stream(self) -> None:
+        """Every activation is in: the rest of the build writes narrow tables (top lists, labels,
+        millions of rows for wide layers), which DuckDB's smallest row groups would split into
+        thousands of pieces that no longer fit the memory limit at commit. Reattached with the
+        default row group size for them (the activations keep theirs)."""
+        if not self.stream or self._stream_ended:
+            return
+        self._stream_ended = True
+        self.con.execute("COMMIT")
+        self.con.execute("USE memory")
+        self.con.execute("DETACH cache")
+        self.con.execute("ATTACH ? AS cache", [str(self.tmp_path)])
+        self.con.execute("USE cache")
+        self.con.execute("BEGIN TRANSACTION")
+
+    def _fit_row_group(self, row_bytes: int) -> None:
+        """Raise the memory limit so that one unfinished row group of these rows fits with room to
+        commit it (DuckDB keeps it in memory until it is full or committed): 2,048 rows of a
+        65,536-unit layer are 512 MB."""
+        need = stream_memory_limit(row_bytes)
+        if self.stream and need > self._memory_limit:
+            self.con.execute(f"SET memory_limit = '{need // (1 << 20)}MB'")
+            self._memory_limit = need
 
     def _streamed(self, rows: int, nbytes: int) -> None:
         if self.stream and self._commits.add(rows, nbytes):
@@ -445,6 +482,11 @@ class CacheWriter:
             )
         finally:
             self.con.unregister("_incoming")
+        if self.stream and table != "activation_rows" and arrow.nbytes >= self.STREAM_BIG_INSERT:
+            # top lists of wide layers are millions of rows: committed now, not all at the end,
+            # where their sum would not fit the streamed build's memory limit
+            self.con.execute("COMMIT")
+            self.con.execute("BEGIN TRANSACTION")
 
     @_writing
     def has_table(self, name: str) -> bool:
