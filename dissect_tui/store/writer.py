@@ -326,18 +326,14 @@ class CacheWriter:
 
     @_writing
     def end_stream(self) -> None:
-        """Every activation is in: the rest of the build writes narrow tables (top lists, labels,
-        millions of rows for wide layers), which DuckDB's smallest row groups would split into
-        thousands of pieces that no longer fit the memory limit at commit. Reattached with the
-        default row group size for them (the activations keep theirs)."""
+        """Every activation is in: commit the unfinished row group now (its rows are held in
+        memory until then), before scoring needs the memory. The database stays attached with
+        its small row groups: reattaching with the default size made the final checkpoint
+        rewrite every activation (2x the file and the time, bench/RESULTS.md)."""
         if not self.stream or self._stream_ended:
             return
         self._stream_ended = True
         self.con.execute("COMMIT")
-        self.con.execute("USE memory")
-        self.con.execute("DETACH cache")
-        self.con.execute("ATTACH ? AS cache", [str(self.tmp_path)])
-        self.con.execute("USE cache")
         self.con.execute("BEGIN TRANSACTION")
 
     def _fit_row_group(self, row_bytes: int) -> None:
