@@ -49,6 +49,14 @@ def build(path: Path, layers: dict[str, int], n_images: int, seed: int = 0) -> P
         w.write_images(paths, ["synthetic"] * n_images, [(500, 375)] * n_images, [None] * n_images)
         cids = w.concept_ids(concepts)
         w.write_run_concepts(run_id, cids)
+        ids = np.arange(n_images)
+        emb = rng.normal(size=(n_images, 16)).astype(np.float32)
+        w.write_image_embeddings(ids, emb / np.linalg.norm(emb, axis=1, keepdims=True))
+        for layer, k in layers.items():  # what the detail screen reads: activations and top images
+            acts = rng.random((n_images, k), dtype=np.float32)
+            w.write_activations(layer, ids, acts)
+            order = np.argsort(-acts, axis=0)[:20].T
+            w.write_top_images(layer, ids[order], np.take_along_axis(acts.T, order, axis=1))
         for layer, k in layers.items():
             top = rng.integers(0, len(concepts), size=(k, 10))
             scores = np.sort(rng.normal(0.1, 0.08, size=(k, 10)).astype(np.float32), axis=1)[:, ::-1]
@@ -73,8 +81,8 @@ async def measure(path: Path, text: str) -> dict[str, float]:
             await asyncio.sleep(0.005)
         first_paint = time.perf_counter() - t0
         scr = app.screen
-        n = scr.model.n
-        while not scr.model.table.top_concepts[0]:  # the second loading phase (search texts)
+        n = scr.session.model.n
+        while not scr.session.model.table.top_concepts[0]:  # the second loading phase (search texts)
             await asyncio.sleep(0.005)
         tops_loaded = time.perf_counter() - t0
         await pilot.press("slash")

@@ -165,7 +165,8 @@ async def test_the_browser_shows_stored_compositions_at_once(cache, capsys, anyi
         layer, unit = det.key
         best = rows(
             cache,
-            "SELECT text FROM compositions WHERE layer = ? AND unit = ? AND kind = 'pair' AND rank = 1",
+            "SELECT text FROM compositions WHERE layer = ? AND unit = ? AND kind = 'pair' AND rank = 1 "
+            "AND breadth = 3",
             [layer, unit],
         )
         assert best, (layer, unit)
