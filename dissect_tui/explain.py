@@ -195,56 +195,21 @@ class Explainer:
     ) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
         """Paper A.4: the neuron's top ``breadth`` single concepts and every ordered pair "w1 w2",
         rescored together with SoftWPMI. Returns (breadth used, pairs best first, singles best first).
-        """
-        from dissect_tui.concept_query import compose_neuron, pair_texts
+        ``cancelled`` is polled after each encoded batch (then :class:`Cancelled` is raised)."""
 
-        run_id = self.run["run_id"]
-        cur = self._cursor()
-        try:
-            rows = cur.neuron_concepts(run_id, layer, unit, limit=breadth)
-            cids, texts = cur.run_concepts(run_id)
-            by_text = dict(zip(texts, cids.tolist(), strict=True))
-            singles = [r[3] for r in rows]
-            singles_emb = cur.concept_embeddings(
-                self.run["clip_key"], np.array([by_text[t] for t in singles])
-            )
-        finally:
-            cur.close()
-        if len(singles) < 2:
-            raise UserError(f"{layer}:{unit} has fewer than two stored concepts; nothing to compose")
-        pairs = pair_texts(singles)
-        total = len(pairs)
-        done = 0
-
-        def on_batch(n: int) -> None:
-            nonlocal done
-            done += n
+        def on_texts(done: int, total: int) -> None:
             if progress is not None:
                 progress(done, total)
-            if cancelled is not None and cancelled():
+            if done and cancelled is not None and cancelled():
                 raise Cancelled
 
-        self.clip()  # load before reporting progress: loading is the slow first step
-        if progress is not None:
-            progress(0, total)
-        pair_emb = self.encode(pairs, on_batch=on_batch)
+        found = self.compose_many(layer, [unit], breadth, on_texts=on_texts)
+        if not found:
+            raise UserError(f"{layer}:{unit} has fewer than two stored concepts; nothing to compose")
         if cancelled is not None and cancelled():
             raise Cancelled
-        _, img, _ = self._image_data()
-        ranked = compose_neuron(
-            self.top_rows(layer),
-            unit,
-            img,
-            singles,
-            torch.from_numpy(singles_emb),
-            pair_emb,
-            a=self.a,
-            lam=self.lam,
-        )
-        single_set = set(singles)
-        best_pairs = [(t, float(s)) for t, s in ranked if t not in single_set]
-        best_singles = [(t, float(s)) for t, s in ranked if t in single_set]
-        return len(singles), best_pairs, best_singles
+        _, used, pairs, singles = found[0]
+        return used, pairs, singles
 
     # -- many neurons at once (`dissect-tui compose`) ------------------------------------------
     def compose_many(
@@ -278,6 +243,8 @@ class Explainer:
             cur.close()
         single_emb = dict(zip(known, torch.from_numpy(np.asarray(emb, dtype=np.float32)), strict=True))
         todo = [u for u in units if len(singles.get(u, [])) >= 2]
+        if not todo:
+            return []
         distinct = list(dict.fromkeys(p for u in todo for p in pair_texts(singles[u])))
         self.clip()  # load first: the slow step, before progress starts
         done = 0
