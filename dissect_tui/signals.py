@@ -20,8 +20,10 @@ cannot leave half of a cleanup undone. This module imports nothing heavy (no duc
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,8 +109,24 @@ def settle() -> None:
     _settled = True
 
 
+# After a signal, the connections are interrupted again every REPEAT_EVERY seconds for
+# REPEAT_FOR seconds: an interrupt that lands just before a statement starts is lost, and that
+# statement (a `sql` query) would run on for hours.
+REPEAT_EVERY = 0.1
+REPEAT_FOR = 3.0
+
+
 def _watch(fd: int) -> None:
+    repeat_until = 0.0
     while True:
+        now = time.monotonic()
+        try:
+            ready, _, _ = select.select([fd], [], [], REPEAT_EVERY if now < repeat_until else None)
+        except (OSError, ValueError):
+            return
+        if not ready:
+            _interrupt_connections()
+            continue
         try:
             data = os.read(fd, 64)
         except OSError:
@@ -117,6 +135,7 @@ def _watch(fd: int) -> None:
             return  # the write end was closed: the command is over
         if any(b in _DEFERRED for b in data):  # Ctrl-C too: DuckDB's own check misses it at times
             _interrupt_connections()
+            repeat_until = time.monotonic() + REPEAT_FOR
 
 
 @contextmanager

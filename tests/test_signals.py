@@ -216,3 +216,35 @@ def test_deferred_signals_arrive_after_the_cleanup():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_that_lands_before_a_statement_starts_is_repeated(monkeypatch):
+    """The watcher interrupts the tracked connections again for a few seconds after a signal: a
+    query that had not started when the first interrupt came (so it was lost) is still stopped."""
+    import threading
+    import time
+
+    class Connection:
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def interrupt(self) -> None:
+            self.calls.append(time.monotonic())
+
+    monkeypatch.setattr(signals, "REPEAT_FOR", 0.5)
+    con = signals.track(Connection())
+    read_fd, write_fd = os.pipe()
+    watcher = threading.Thread(target=signals._watch, args=(read_fd,), daemon=True)
+    watcher.start()
+    try:
+        time.sleep(0.3)
+        assert con.calls == []  # nothing happens without a signal
+        os.write(write_fd, bytes([signal.SIGINT]))
+        time.sleep(1.0)
+        assert len(con.calls) >= 4, con.calls  # the first one and repeats every 0.1 s
+        assert con.calls[-1] - con.calls[0] <= 0.5 + 0.25  # and only for REPEAT_FOR
+    finally:
+        os.close(write_fd)
+        watcher.join(timeout=5)
+        os.close(read_fd)
+    assert not watcher.is_alive()
