@@ -86,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
         bad = [u for u in units if not 0 <= u < n_units]
         if bad:
             raise UserError(f"{printable(args.layer)} has units 0-{n_units - 1}; no unit {bad[0]}")
+        wanted = set(units)
         labels = {
             int(u): str(label)
             for _, u, _, label, _ in reader.neuron_concepts(rid, args.layer, None, limit=1)
-            if int(u) in set(units)
+            if int(u) in wanted
         }
         explainer = Explainer(lambda: CacheReader(reader.con.cursor(), path), run_rec, clip=args.clip)
         with RichProgress(quiet=args.quiet) as progress:
