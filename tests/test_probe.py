@@ -6,16 +6,15 @@ import io
 import os
 import pickle
 import socket
-import struct
 import tarfile
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forged_images import tiny_png
 from PIL import Image
 from tiny_models import BROKEN_FILES, jpeg_bytes, make_image_tree, tiny_preprocess
 
@@ -268,15 +267,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def png_header_bomb(path: Path, side: int) -> None:
     """A valid 1-bit PNG of side x side pixels; tiny on disk, 1.2 GB if decoded to RGB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" + b"\x00" * ((side + 7) // 8)
-    comp = zlib.compressobj(9)
-    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    tiny_png(path, side, side)
 
 
 def test_huge_png_is_refused_not_decoded(tmp_path):
