@@ -26,6 +26,12 @@ from torch import Tensor
 # Activations buffered before a merge into the running top lists: ~16 MB keeps merges rare
 # (each one sorts [K, 2·n_keep]) without holding much.
 DEFAULT_BUFFER_BYTES = 16 << 20
+# A merge runs over blocks of neurons whose candidates take about this much (values, ids and
+# the sort's temporaries), so a 65,536-unit layer's merge does not need ~300 MB at once.
+MERGE_BLOCK_BYTES = 16 << 20
+# Image ids are int32 (a probe of up to 2^31 images): half the memory of int64 top lists.
+ID_DTYPE = torch.int32
+ID_DTYPE_NP = np.int32
 
 
 @dataclass
@@ -47,7 +53,7 @@ class LayerStats:
         if n > self.top_ids.shape[1]:
             raise ValueError(f"{n} top images requested, {self.top_ids.shape[1]} kept")
         ids = self.top_ids[:, :n].cpu().numpy()
-        rows = np.searchsorted(image_ids, ids)
+        rows = np.searchsorted(image_ids, ids).astype(ID_DTYPE_NP, copy=False)
         if rows.size and (rows.max() >= len(image_ids) or not np.array_equal(image_ids[rows], ids)):
             raise ValueError("a top image has no embedding")
         return torch.from_numpy(rows).to(self.top_ids.device), self.top_vals[:, :n]
@@ -96,7 +102,7 @@ class LayerStatsBuilder:
         self.n_units, self.n_keep = n_units, max(1, int(n_keep))
         self.device, self.dtype = torch.device(device), dtype
         self.vals = torch.empty(n_units, 0, dtype=dtype, device=self.device)
-        self.ids = torch.empty(n_units, 0, dtype=torch.long, device=self.device)
+        self.ids = torch.empty(n_units, 0, dtype=ID_DTYPE, device=self.device)
         self.cross = (
             None if embed_dim is None else torch.zeros(n_units, embed_dim, dtype=dtype, device=self.device)
         )
@@ -109,7 +115,7 @@ class LayerStatsBuilder:
     def add(self, image_ids: Tensor | np.ndarray, acts: Tensor, image_emb: Tensor | None = None) -> None:
         """One batch: ``acts`` [B, K] of the images ``image_ids`` [B] (and their embeddings [B, D])."""
         acts = acts.to(self.device, self.dtype)
-        ids = torch.as_tensor(np.asarray(image_ids), dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(np.asarray(image_ids), dtype=ID_DTYPE, device=self.device)
         if acts.ndim != 2 or acts.shape[1] != self.n_units or acts.shape[0] != ids.shape[0]:
             raise ValueError(
                 f"expected [{ids.shape[0]}, {self.n_units}] activations, got {tuple(acts.shape)}"
@@ -133,18 +139,31 @@ class LayerStatsBuilder:
         self._buf, self._buf_rows = [], 0
         order = torch.argsort(ids)  # ids ascending along the rows of the transposed chunk
         ids, acts = ids[order], acts[order]
-        vals, cand_ids = _best_set(acts.T.contiguous(), ids, self.n_keep)  # [K, ≤ n]
-        if self.vals.shape[1] == 0:
-            self.vals, self.ids = vals, cand_ids
-            return
-        self.vals, self.ids = _best_set(
-            torch.cat([self.vals, vals], 1), torch.cat([self.ids, cand_ids], 1), self.n_keep
-        )
+        kept = self.vals.shape[1]
+        width = kept + min(acts.shape[0], self.n_keep)
+        # ~24 bytes per candidate live during a merge: values, ids, topk positions, masks
+        step = max(1, MERGE_BLOCK_BYTES // (24 * max(1, kept + acts.shape[0])))
+        new_vals = torch.empty(self.n_units, min(width, self.n_keep), dtype=self.dtype, device=self.device)
+        new_ids = torch.empty(new_vals.shape, dtype=ID_DTYPE, device=self.device)
+        for k0 in range(0, self.n_units, step):
+            k1 = min(self.n_units, k0 + step)
+            vals, cand_ids = _best_set(acts[:, k0:k1].T.contiguous(), ids, self.n_keep)  # [kb, ≤ n]
+            if kept:
+                vals, cand_ids = _best_set(
+                    torch.cat([self.vals[k0:k1], vals], 1),
+                    torch.cat([self.ids[k0:k1], cand_ids], 1),
+                    self.n_keep,
+                )
+            new_vals[k0:k1], new_ids[k0:k1] = vals, cand_ids
+        self.vals, self.ids = new_vals, new_ids
 
     def finish(self) -> LayerStats:
         self._flush()
-        vals, ids = _sorted_top(self.vals, self.ids, self.n_keep)  # best first, ties by id
-        return LayerStats(ids, vals, self.cross, self.sq_norm, self.n_images)
+        step = max(1, MERGE_BLOCK_BYTES // (24 * max(1, self.vals.shape[1])))
+        for k0 in range(0, self.n_units, step):  # best first, ties by id; in place, block by block
+            k1 = min(self.n_units, k0 + step)
+            self.vals[k0:k1], self.ids[k0:k1] = _sorted_top(self.vals[k0:k1], self.ids[k0:k1], self.n_keep)
+        return LayerStats(self.ids, self.vals, self.cross, self.sq_norm, self.n_images)
 
 
 def merge_stats(parts: Sequence[LayerStats], n_keep: int) -> LayerStats:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dissect_tui import activation_stats
 from dissect_tui.activation_stats import LayerStatsBuilder, merge_stats
 from dissect_tui.similarity import top_images
 
@@ -70,3 +71,17 @@ def test_fewer_images_than_kept():
     st = b.finish()
     idx, vals = top_images(a, 5)
     assert torch.equal(st.top_ids, idx) and torch.equal(st.top_vals, vals)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 24 * 60 * 3])
+def test_merges_over_blocks_of_neurons_equal_the_full_matrix(monkeypatch, block_bytes):
+    """A wide layer's merge runs over neuron blocks (one neuron, or three, at a time here)."""
+    monkeypatch.setattr(activation_stats, "MERGE_BLOCK_BYTES", block_bytes)
+    a = _acts(n=400, k=8, seed=3)
+    b = LayerStatsBuilder(8, 25, buffer_bytes=4 * 8 * 40)
+    for s in range(0, 400, 17):
+        b.add(np.arange(s, min(s + 17, 400)), a[s : s + 17])
+    st = b.finish()
+    idx, vals = top_images(a, 25)
+    assert torch.equal(st.top_ids.long(), idx) and torch.equal(st.top_vals, vals)
+    assert st.top_ids.dtype == torch.int32  # half the memory of int64 lists
