@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import os
 import platform
 import shutil
@@ -69,67 +68,72 @@ class GroupPlan:
 
 
 def plan_blocks(
-    slot_neuron: Tensor, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
+    slot_neuron: Tensor | int, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
 ) -> list[GroupPlan]:
     """Group each neuron's slots within each row block into groups of ≤ g, one plan per block.
 
-    A neuron's slots keep their order (rank order); group k of a neuron in a block holds its
-    slots k·g … k·g + g − 1 there.
+    ``slot_neuron``: each slot's neuron, or an int n when slot s belongs to neuron s // n (n slots
+    per neuron, neuron-major: what scoring passes, without a slot-sized array). A neuron's slots
+    keep their order (rank order); group k of a neuron in a block holds its slots k·g … k·g + g − 1
+    there.
     """
     return list(iter_plan_blocks(slot_neuron, slot_row, block_rows, n_blocks, g))
 
 
 def iter_plan_blocks(
-    slot_neuron: Tensor, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
+    slot_neuron: Tensor | int, slot_row: Tensor, block_rows: int, n_blocks: int, g: int
 ) -> Iterator[GroupPlan]:
-    """``plan_blocks`` one block at a time: only the block being fed holds its [g_b, G_b]
-    matrices (all blocks' plans at once were ~1 GB for 65,536 neurons × 100 top images)."""
-    dev = slot_neuron.device
-    S = slot_neuron.numel()
-    K = int(slot_neuron.max()) + 1 if S else 1
-    blk = slot_row // block_rows
-    order = torch.argsort(blk * K + slot_neuron, stable=True)
-    s_blk, s_neu = blk[order], slot_neuron[order]
-    seg_key = s_blk * K + s_neu
+    """``plan_blocks`` one block at a time: only the block being planned and fed holds anything
+    slot-sized beyond one int32 block id per slot (26 MB for 65,536 neurons × 100 top images;
+    planning all blocks at once took ~1 GB)."""
+    dev = slot_row.device
+    blk = torch.div(slot_row, block_rows, rounding_mode="floor")
+    blk = blk.to(torch.int32) if n_blocks < 2**31 else blk
+    for b in range(n_blocks):
+        idx = torch.nonzero(blk == b).flatten()  # this block's slots, in slot order
+        if isinstance(slot_neuron, int):  # neuron-major slots: slot order is neuron order
+            neu = torch.div(idx, slot_neuron, rounding_mode="floor")
+        else:  # any neuron per slot: neuron order, slot order within a neuron
+            neu = slot_neuron[idx]
+            by_neuron = torch.argsort(neu, stable=True)
+            idx, neu = idx[by_neuron], neu[by_neuron]
+        yield _plan_block(idx, neu, slot_row[idx] - b * block_rows, g, dev)
+
+
+def _plan_block(slots: Tensor, neu: Tensor, rows: Tensor, g: int, dev: torch.device) -> GroupPlan:
+    """One block's plan from its slots (global ids), their neurons (ascending) and local rows."""
+    S = slots.numel()
+    if S == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return GroupPlan(
+            empty,
+            empty,
+            torch.zeros(0, 0, dtype=torch.long, device=dev),
+            torch.zeros(0, 0, dtype=torch.long, device=dev),
+            [],
+        )
     new_seg = torch.ones(S, dtype=torch.bool, device=dev)
-    new_seg[1:] = seg_key[1:] != seg_key[:-1]
+    new_seg[1:] = neu[1:] != neu[:-1]
     seg_start = torch.nonzero(new_seg).flatten()
-    seg_id = torch.cumsum(new_seg.long(), 0) - 1
-    j = torch.arange(S, device=dev) - seg_start[seg_id]
-    member = j % g
+    member = torch.arange(S, device=dev) - seg_start[torch.cumsum(new_seg, 0) - 1]
+    member %= g  # position within the neuron's run, modulo the group size
     new_grp = member == 0
-    grp_id = torch.cumsum(new_grp.long(), 0) - 1
-    G = int(grp_id[-1]) + 1 if S else 0
+    grp_id = torch.cumsum(new_grp, 0) - 1
+    G = int(grp_id[-1]) + 1
     grp_size = torch.bincount(grp_id, minlength=G)
-    grp_blk = s_blk[new_grp]
-    grp_neu = s_neu[new_grp]
-    # Within a block: bigger groups first (so groups with an m-th member form a prefix), then
-    # neuron order (stable sort: a neuron's groups keep their order, hence its sum order).
-    grp_order = torch.argsort(grp_blk * (g + 1) + (g - grp_size), stable=True)
+    grp_neu = neu[new_grp].long()
+    # Bigger groups first (so groups with an m-th member form a prefix), then neuron order
+    # (stable sort: a neuron's groups keep their order, hence its sum order).
+    grp_order = torch.argsort(g - grp_size, stable=True)
     grp_rank = torch.empty_like(grp_order)
     grp_rank[grp_order] = torch.arange(G, device=dev)
-    grp_counts = torch.bincount(grp_blk, minlength=n_blocks).tolist()
-    slot_counts = torch.bincount(s_blk, minlength=n_blocks).tolist()
-    # members[b][m]: slots of block b that are member m of their group = groups with an m-th member
-    members = torch.bincount(s_blk * g + member, minlength=n_blocks * g).view(n_blocks, g).tolist()
-    firsts = list(itertools.accumulate(grp_counts, initial=0))
-    # Each slot's place in its block's [g_b, G_b] matrices: (member, position of its group there).
-    col = grp_rank[grp_id] - torch.tensor(firsts, dtype=torch.long, device=dev)[s_blk]
-    local_row = slot_row[order] - s_blk * block_rows
-    # the generator keeps its locals until it ends: drop the slot-sized ones no block needs
-    del blk, seg_key, new_seg, seg_start, seg_id, j, new_grp, grp_id, grp_rank, s_neu, s_blk
-    spos = 0
-    for b in range(n_blocks):
-        g0, g1 = firsts[b], firsts[b + 1]
-        counts = [c for c in members[b] if c > 0]
-        here = slice(spos, spos + slot_counts[b])  # this block's slots (order is block-major)
-        spos += slot_counts[b]
-        rows = torch.zeros(len(counts), g1 - g0, dtype=torch.long, device=dev)
-        slots = torch.zeros(len(counts), g1 - g0, dtype=torch.long, device=dev)
-        rows[member[here], col[here]] = local_row[here]
-        slots[member[here], col[here]] = order[here]
-        groups = grp_order[g0:g1]
-        yield GroupPlan(grp_neu[groups], grp_size[groups], rows, slots, counts)
+    col = grp_rank[grp_id]
+    counts = [c for c in torch.bincount(member, minlength=g).tolist() if c > 0]
+    out_rows = torch.zeros(len(counts), G, dtype=torch.long, device=dev)
+    out_slots = torch.zeros(len(counts), G, dtype=torch.long, device=dev)
+    out_rows[member, col] = rows.long()
+    out_slots[member, col] = slots.long()
+    return GroupPlan(grp_neu[grp_order], grp_size[grp_order], out_rows, out_slots, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def iter_plan_blocks(
 def feed(
     E: Tensor,
     plan: GroupPlan,
-    slot_rank: Tensor,
+    slot_rank: Tensor | int,
     c: Tensor,
     s: Tensor | None,
     acc: Tensor,
@@ -151,7 +155,8 @@ def feed(
     G = plan.neuron.numel()
     if G == 0:
         return
-    off = c[slot_rank[plan.slots]]  # [g_b, G], padding included (never read)
+    # [g_b, G], padding included (never read); an int n: slot s has rank s % n
+    off = c[plan.slots % slot_rank] if isinstance(slot_rank, int) else c[slot_rank[plan.slots]]
     if s is not None:
         off = off * s[plan.rows]
     fn = kernel(E.dtype) if E.device.type == "cpu" else None

@@ -50,6 +50,7 @@ from .similarity import top_images
 __all__ = ["DEFAULT_MEMORY_BUDGET", "LayerScores", "score_layer", "score_layers", "top_images"]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory beyond the inputs
+PLAN_SLOTS = 1 << 20  # (neuron, top image) slots planned at once, on average (cpu_kernel)
 _NORM_EPS = 1e-12
 
 Progress = Callable[[int, int], None]
@@ -422,9 +423,10 @@ class _PmiPass:
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().cpu()
         self.c = ((1 - w + min_prob) / w).to(self.dt).to(self.dev)  # factor offset per rank
         self.log_w_sum = float(torch.log(w).sum())
-        self.slot_neuron = torch.arange(Ktot, device=self.dev).repeat_interleave(n)
-        self.slot_img = torch.cat([t.to(self.dev).reshape(-1) for t in tops])
-        self.slot_rank = torch.arange(n, device=self.dev).repeat(Ktot)
+        # Slot s = (neuron s // n, rank s % n) of the layers' concatenated top lists; only its
+        # image row is stored (int32 while the probe allows: 26 MB for 65,536 neurons × 100).
+        ix = torch.int32 if self.N < 2**31 else torch.long
+        self.slot_img = torch.cat([t.to(self.dev, ix).reshape(-1) for t in tops])
         # Concept chunk: log p(t|B) for all neurons of the chunk must fit in ~40% of the budget.
         self.mc = max(1, min(self.M, int(0.4 * memory_budget) // max(1, Ktot * self.esz)))
         self.gs_rows = max(8, min(256, (4 << 20) // max(1, self.M * self.esz)))  # factor buffers of ~4 MB
@@ -441,7 +443,10 @@ class _PmiPass:
         """Rows of P per block: what the budget leaves after the accumulator and factor buffers."""
         esz = self.esz
         free = self.budget - (self.Ktot * width * esz if with_acc else 0) - 2 * self.gs_rows * width * esz
-        return max(16, min(nr, int(free * 0.9) // max(1, width * esz)))
+        rows = min(nr, int(free * 0.9) // max(1, width * esz))
+        if with_acc:  # a block's group plan takes ~40 bytes per slot: ~PLAN_SLOTS slots per block
+            rows = min(rows, nr * PLAN_SLOTS // max(1, self.slot_img.numel()))
+        return max(16, rows)
 
     def rows_pass(self, rows: Tensor | None, m0: int, m1: int, known: bool, acc: Tensor | None) -> None:
         """P for rows (None = all images) × concepts [m0, m1); softmax; feed slots into acc."""
@@ -452,10 +457,14 @@ class _PmiPass:
         n_blocks = -(-nr // nb)
         plans = None
         if acc is not None:
-            pos = self.slot_img if rows is None else torch.searchsorted(rows, self.slot_img)
+            pos = (
+                self.slot_img
+                if rows is None
+                else torch.searchsorted(rows, self.slot_img, out_int32=self.slot_img.dtype == torch.int32)
+            )
             # factors E + c_r·s lie in [c_min, 1 + c_max·s] with 1 ≤ s ≤ M (s = 1 once lse is known)
             g = _group_size(float(self.c.min()), float(self.c.max()), 1 if known else width, dt)
-            plans = _plan_blocks(self.slot_neuron, pos, nb, n_blocks, g)
+            plans = _plan_blocks(self.n, pos, nb, n_blocks, g)
         Tt = self.Tm[m0:m1].T
         E = torch.empty(min(nb, nr), width, dtype=dt, device=dev)
         # Matrix products in ~64 MB pieces (BLAS is ~2x slower on thin ones), softmax work in
@@ -476,7 +485,7 @@ class _PmiPass:
                     self._softmax_rows(Eb[s0 : min(q1, s0 + sub_ew)], ids[s0 : min(q1, s0 + sub_ew)], known)
             if plans is not None and acc is not None:
                 scale = None if known else torch.exp(self.logs[ids])
-                _feed(Eb, next(plans), self.slot_rank, self.c, scale, acc, buf, tmp)
+                _feed(Eb, next(plans), self.n, self.c, scale, acc, buf, tmp)
             self.done += 1
             if self.on_progress is not None:
                 self.on_progress(self.done, self.total)
