@@ -208,21 +208,23 @@ def _assert_image_summaries(r, run_id: int, p: torch.Tensor, a: float) -> None:
         assert s == pytest.approx(float(p[row].max()), abs=1e-5)
 
 
-def test_transactions_ended_while_activations_stream_change_nothing(workspace, tmp_path, monkeypatch):
-    """StreamCommits ends the build's transaction every 2,048 rows and 64 MB; with tiny thresholds
-    (many commits mid-build) the cache is the same as the one built in one go."""
+def test_activations_streamed_in_small_batches_change_nothing(workspace, tmp_path, monkeypatch):
+    """Activations reach DuckDB through one INSERT fed batch by batch (store/activation_stream.py);
+    with one-row Arrow batches and every image batch handed over at once (hundreds of batches
+    through the queue) the cache equals the one built with the default sizes."""
     from dissect_tui import image_pass
-    from dissect_tui.store.writer import StreamCommits
+    from dissect_tui.store import activation_stream
 
-    monkeypatch.setattr(StreamCommits, "ROWS", 16)
-    monkeypatch.setattr(StreamCommits, "BYTES", 1)
-    monkeypatch.setattr(image_pass, "CHUNK_BYTES", 1)  # every batch goes to the cache at once
-    ended = []
-    add = StreamCommits.add
-    monkeypatch.setattr(StreamCommits, "add", lambda self, r, b: ended.append(add(self, r, b)) or ended[-1])
-    db = tmp_path / "many-tx.duckdb"
+    monkeypatch.setattr(activation_stream, "BATCH_BYTES", 1)
+    monkeypatch.setattr(image_pass, "CHUNK_BYTES", 1)
+    put = activation_stream.ActivationStream._put
+    batches = []
+    monkeypatch.setattr(
+        activation_stream.ActivationStream, "_put", lambda self, item: batches.append(item) or put(self, item)
+    )
+    db = tmp_path / "one-row-batches.duckdb"
     assert main(_args_with_db(workspace, db)) == 0
-    assert sum(ended) >= N_IMAGES // 16 * len(LAYERS) // 2, ended  # ~one per batch and layer
+    assert len(batches) == N_IMAGES * len(LAYERS) + 1, len(batches)  # one row each, then the end
     sql = "SELECT layer, image_id, acts FROM activation_rows ORDER BY layer, image_id"
     assert q(db, sql) == q(workspace["db"], sql)
     labels = "SELECT layer, unit, concept_id, similarity FROM neurons ORDER BY layer, unit"

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
+from dissect_tui.store.activation_stream import ActivationStream, StreamError
 from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, truncation
 from dissect_tui.store.schema import (
     FORMAT_KEY,
@@ -183,6 +184,10 @@ def _writing(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: CacheWriter, *args: Any, **kwargs: Any) -> T:
         try:
             return fn(self, *args, **kwargs)
+        except StreamError as exc:  # the activations' INSERT failed in its thread
+            if isinstance(exc.cause, (duckdb.Error, OSError)) and not signals.is_interrupt(exc.cause):
+                raise CacheError(self.failure(exc.cause)) from None
+            raise exc.cause from None
         except (duckdb.Error, OSError) as exc:
             if signals.is_interrupt(exc):
                 raise
@@ -191,34 +196,8 @@ def _writing(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def stream_memory_limit(row_bytes: int) -> int:
-    """DuckDB's memory limit for streamed rows of this size: one unfinished row group (kept in
-    memory until it is full or committed) and room to commit it, at least STREAM_MEMORY_BYTES."""
-    return max(
-        CacheWriter.STREAM_MEMORY_BYTES, CacheWriter.STREAM_ROW_GROUP * row_bytes * 3 // 2 + (64 << 20)
-    )
-
-
-class StreamCommits:
-    """When a streamed build ends its transaction: after at least ROWS rows (a whole row group,
-    so no partial ones are left behind) and BYTES of activations (so narrow layers do not commit
-    every few batches)."""
-
-    ROWS = 2048  # = CacheWriter.STREAM_ROW_GROUP
-    BYTES = 64 << 20
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.bytes = 0
-
-    def add(self, rows: int, nbytes: int) -> bool:
-        """Count an insert; True when the transaction should end now."""
-        self.rows += rows
-        self.bytes += nbytes
-        if self.rows >= self.ROWS and self.bytes >= self.BYTES:
-            self.rows = self.bytes = 0
-            return True
-        return False
+STREAM_MEMORY_BYTES = 256 << 20  # DuckDB's memory limit while activations stream in
+STREAM_ROW_GROUP = 2048  # DuckDB's smallest row group
 
 
 class CacheWriter:
@@ -228,30 +207,25 @@ class CacheWriter:
     schema is created. ``final_path`` is the file that will be replaced: a symbolic link's target.
     """
 
-    # While activations stream in, DuckDB writes each full row group to the file inside the open
-    # transaction ("optimistic writes"). A row group counts rows, not bytes: at the default
-    # 122,880 rows a wide layer's row group alone would be gigabytes of memory, so a streamed
-    # cache uses DuckDB's smallest row group (2,048 rows) and a memory limit. One transaction for
-    # the whole build still grew with the data (2.6 GB of RAM for 2.2 GB of 65,536-wide rows,
-    # whatever the limit), so the transaction also ends every StreamCommits.ROWS rows and
-    # StreamCommits.BYTES: 1.2 GB for the same rows, 30% faster, no larger file; a commit after
-    # every batch instead leaves partial row groups (+60% file). bench/RESULTS.md has the figures.
-    STREAM_MEMORY_BYTES = 384 << 20  # raised for wide layers: see _fit_row_group
-    INGEST_BYTES = 64 << 20  # one slice of a rank's shard in memory at a time
-    STREAM_BIG_INSERT = 16 << 20  # other inserts at least this large end the transaction too
-    STREAM_ROW_GROUP = 2048
+    # While activations stream in (stream=True), one INSERT statement receives them all (see
+    # activation_stream.py: DuckDB then writes row groups to the file as they fill and stays
+    # near its memory limit for any width and number of images). The database is attached with
+    # DuckDB's smallest row group, so a wide layer's unfinished row group stays small.
+    STREAM_MEMORY_BYTES = STREAM_MEMORY_BYTES
+    INGEST_BYTES = 16 << 20  # one slice of a rank's shard in memory at a time
+    STREAM_BIG_INSERT = 16 << 20  # other inserts at least this large end the transaction
+    STREAM_ROW_GROUP = STREAM_ROW_GROUP
 
     def __init__(self, final_path: Path, base: Path | None = None, *, stream: bool = False) -> None:
         """``stream``: activations are appended (``append_activations``) while the images stage runs,
-        with bounded memory (see StreamCommits)."""
+        with bounded memory (see activation_stream.py)."""
         self.requested_path = Path(final_path)
         self.stream = stream
         self.final_path = check_target(self.requested_path)  # takes the write lock
         self._committed = False
         self._closed = False
-        self._commits = StreamCommits()
         self._stream_ended = False
-        self._memory_limit = self.STREAM_MEMORY_BYTES
+        self._activations: ActivationStream | None = None  # the running INSERT of stream=True
         self._con: duckdb.DuckDBPyConnection | None = None
         lock = filesafety.acquire(self.final_path)
         if lock.writer_active:
@@ -281,8 +255,7 @@ class CacheWriter:
         try:
             # spill beside the file (as a file database would), where cleanup looks for it
             con.execute("SET temp_directory = ?", [str(self.tmp_path) + ".tmp"])
-            con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_BYTES // (1 << 20)}MB'")
-            con.execute("SET preserve_insertion_order = false")
+            con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_BYTES >> 20}MB'")
             con.execute(f"ATTACH ? AS cache (ROW_GROUP_SIZE {self.STREAM_ROW_GROUP})", [str(self.tmp_path)])
             con.execute("USE cache")
         except BaseException:
@@ -295,7 +268,7 @@ class CacheWriter:
         # Few transactions: DuckDB then writes each big insert once, at commit, instead of
         # committing (and checkpointing) insert by insert - 2x faster for 50k images x 3,904
         # neurons (bench/bench_cache_write.py). Streamed activations end it now and then
-        # (StreamCommits); a failed build is removed whole either way (it is a temporary file).
+        # (end_stream); a failed build is removed whole either way (it is a temporary file).
         self.con.execute("BEGIN TRANSACTION")
         if base is None:
             self.con.execute(TABLES)
@@ -316,47 +289,36 @@ class CacheWriter:
     @_writing
     def append_activations(self, layer: str, image_ids: np.ndarray, acts: np.ndarray) -> None:
         """Activations of some images, as the images stage produces them (``stream=True``)."""
-        self._fit_row_group(acts.shape[1] * 4)
-        self._insert_arrow(
-            "activation_rows",
-            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
-            constants={"layer": layer},
-        )
-        self._streamed(len(image_ids), acts.nbytes)
+        if not self.stream or self._stream_ended:
+            raise CacheError("activations can only be appended to a streamed build before end_stream")
+        if self._activations is None:
+            self._activations = ActivationStream(self.con)
+        self._activations.put(layer, image_ids, acts)
 
     @_writing
     def end_stream(self) -> None:
-        """Every activation is in: commit the unfinished row group now (its rows are held in
-        memory until then), before scoring needs the memory. The database stays attached with
-        its small row groups: reattaching with the default size made the final checkpoint
-        rewrite every activation (2x the file and the time, bench/RESULTS.md)."""
+        """Every activation is in: end the INSERT and commit, before scoring needs the memory.
+        The database stays attached with its small row groups: reattaching with the default
+        size made the final checkpoint rewrite every activation (2x the file and the time)."""
         if not self.stream or self._stream_ended:
             return
         self._stream_ended = True
+        if self._activations is not None:
+            stream, self._activations = self._activations, None
+            stream.close()
         self.con.execute("COMMIT")
         self.con.execute("BEGIN TRANSACTION")
 
-    def _fit_row_group(self, row_bytes: int) -> None:
-        """Raise the memory limit so that one unfinished row group of these rows fits with room to
-        commit it (DuckDB keeps it in memory until it is full or committed): 2,048 rows of a
-        65,536-unit layer are 512 MB."""
-        need = stream_memory_limit(row_bytes)
-        if self.stream and need > self._memory_limit:
-            self.con.execute(f"SET memory_limit = '{need // (1 << 20)}MB'")
-            self._memory_limit = need
-
-    def _streamed(self, rows: int, nbytes: int) -> None:
-        if self.stream and self._commits.add(rows, nbytes):
-            self.con.execute("COMMIT")
-            self.con.execute("BEGIN TRANSACTION")
-
     @_writing
     def ingest_activations(self, shard: Path) -> None:
-        """Copy another process's streamed activations (a torchrun rank's shard) into the cache.
+        """Copy another process's streamed activations (a torchrun rank's shard) into the cache,
+        through the same INSERT as this process's own (append_activations).
 
-        Read through a second, read-only connection in slices of about 64 MB: attaching the
+        Read through a second, read-only connection in slices of about 16 MB: attaching the
         shard to this connection would leave it attached until the build's transaction
         ends (DuckDB 2.0.0 refuses DETACH inside it), holding every shard's disk space."""
+        if not self.stream or self._stream_ended:
+            raise CacheError("activations can only be ingested into a streamed build before end_stream")
         src = duckdb.connect(str(shard), read_only=True)
         try:
             row = src.execute("SELECT max(len(acts)) FROM activation_rows").fetchall()[0]
@@ -364,14 +326,9 @@ class CacheWriter:
             rows = max(1, self.INGEST_BYTES // (4 * width))
             reader = src.sql("SELECT layer, image_id, acts FROM activation_rows").to_arrow_reader(rows)
             for batch in reader:
-                self.con.register("_shard_rows", pa.Table.from_batches([batch]))
-                try:
-                    self.con.execute(
-                        "INSERT INTO activation_rows SELECT layer, image_id, acts FROM _shard_rows"
-                    )
-                finally:
-                    self.con.unregister("_shard_rows")
-                self._streamed(batch.num_rows, batch.nbytes)
+                if self._activations is None:
+                    self._activations = ActivationStream(self.con)
+                self._activations.put_batch(batch)
         finally:
             src.close()
 
@@ -413,6 +370,7 @@ class CacheWriter:
     def commit(self) -> Path:
         """Commit, checkpoint, close and atomically replace the final path."""
         try:
+            self.end_stream()
             self.con.execute("COMMIT")
             self.con.execute("CHECKPOINT cache" if self.stream else "CHECKPOINT")
             self.con.close()
@@ -447,6 +405,9 @@ class CacheWriter:
         # step once, so each step runs in the finally of the one before.
         with signals.deferred():
             try:
+                if self._activations is not None:
+                    stream, self._activations = self._activations, None
+                    stream.cancel()
                 if self._con is not None and not self._closed:
                     self._closed = True
                     try:
