@@ -51,13 +51,21 @@ def build():
     return model, pre
 """
 
+# Peak RSS is this process's VmHWM: ru_maxrss would start at the parent's RSS at fork (Linux
+# carries it across exec), and the parent has read the previous configuration's cache.
 RUNNER = """
 import resource, sys, time
 sys.argv = ["dissect-tui"] + sys.argv[1:]
 from dissect_tui.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
-print("RESULT", rc, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+seconds = time.perf_counter() - t0
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("RESULT", rc, seconds, peak, flush=True)
 """
 
 

@@ -13,7 +13,9 @@ from dissect_tui.store import activation_stream
 from dissect_tui.store.activation_stream import ActivationStream, StreamError
 from dissect_tui.store.writer import CacheWriter
 
-TABLE = "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
+TABLE = (
+    "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
+)
 
 
 def _stream_threads() -> list[threading.Thread]:

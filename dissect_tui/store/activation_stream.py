@@ -18,7 +18,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import duckdb
 import numpy as np
@@ -140,8 +139,3 @@ class ActivationStream:
             except queue.Full:
                 pass
             self._thread.join(_POLL_S)
-
-
-def error_of(exc: BaseException) -> Any:
-    """DuckDB's error behind a StreamError (for one-line messages), else ``exc``."""
-    return exc.cause if isinstance(exc, StreamError) else exc
