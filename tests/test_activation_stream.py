@@ -6,6 +6,7 @@ import threading
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from dissect_tui.errors import CacheError
@@ -69,8 +70,11 @@ def test_a_failed_streamed_build_leaves_no_thread_and_no_file(tmp_path, monkeypa
         with CacheWriter(final, stream=True) as writer:
             writer.append_activations("l", np.arange(2), np.ones((2, 3), dtype=np.float32))
             # rows of another width are fine; a NULL row is not (acts is NOT NULL)
-            bad = activation_stream.activation_batch("l", np.arange(1), np.ones((1, 3), dtype=np.float32))
-            bad = bad.set_column(2, "acts", activation_stream.pa.nulls(1, bad.schema.field("acts").type))
+            schema = activation_stream.SCHEMA
+            bad = pa.record_batch(
+                [pa.array(["l"]), pa.array([2], pa.int32()), pa.nulls(1, schema.field("acts").type)],
+                schema=schema,
+            )
             writer._activations._put(bad)  # noqa: SLF001 - forging a row DuckDB refuses
             writer.end_stream()
     assert not _stream_threads()
