@@ -29,17 +29,24 @@ QUEUE_BATCHES = 2  # batches waiting for DuckDB: the producer blocks beyond this
 _POLL_S = 0.1
 
 
+def float_list_array(matrix: np.ndarray) -> pa.Array:
+    """[R, K] float32 -> Arrow list<float> column without a Python loop (large_list past 2^31 values)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    rows, width = matrix.shape
+    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32 if rows * width < 2**31 else np.int64)
+    values = pa.array(matrix.reshape(-1), type=pa.float32())
+    if offsets.dtype == np.int64:
+        return pa.LargeListArray.from_arrays(offsets, values)
+    return pa.ListArray.from_arrays(offsets, values)
+
+
 def activation_batch(layer: str, image_ids: np.ndarray, acts: np.ndarray) -> pa.RecordBatch:
-    """Rows of ``activation_rows`` as one Arrow batch ([R, K] float32 → list<float> without copies
-    beyond the contiguous float32 array)."""
-    acts = np.ascontiguousarray(acts, dtype=np.float32)
-    rows, width = acts.shape
-    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    """Rows of ``activation_rows`` as one Arrow batch (at most BATCH_BYTES: list<float> offsets)."""
     return pa.record_batch(
         [
-            pa.array([layer] * rows, type=pa.string()),
+            pa.array([layer] * acts.shape[0], type=pa.string()),
             pa.array(np.asarray(image_ids, dtype=np.int32)),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(acts.reshape(-1), type=pa.float32())),
+            float_list_array(acts),
         ],
         schema=SCHEMA,
     )

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.activation_stream import ActivationStream, StreamError
+from dissect_tui.store.activation_stream import ActivationStream, StreamError, float_list_array
 from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, truncation
 from dissect_tui.store.schema import (
     FORMAT_KEY,
@@ -53,17 +53,6 @@ def _tmp_path(final: Path) -> Path:
 
 def _remove_db_files(path: Path) -> None:
     filesafety.remove_db_files(path)
-
-
-def _float_list_array(matrix: np.ndarray) -> pa.Array:
-    """[R, K] float32 -> Arrow list<float> column without a Python loop."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    rows, width = matrix.shape
-    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32 if rows * width < 2**31 else np.int64)
-    values = pa.array(matrix.reshape(-1), type=pa.float32())
-    if offsets.dtype == np.int64:
-        return pa.LargeListArray.from_arrays(offsets, values)
-    return pa.ListArray.from_arrays(offsets, values)
 
 
 def _fixed_array(matrix: np.ndarray) -> pa.Array:
@@ -603,7 +592,7 @@ class CacheWriter:
         """One FLOAT[K] list per (layer, image): DuckDB arrays cap at 100k elements, lists don't."""
         self._insert_arrow(
             "activation_rows",
-            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": _float_list_array(acts)},
+            {"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)), "acts": float_list_array(acts)},
             constants={"layer": layer},
         )
 
@@ -703,7 +692,7 @@ class CacheWriter:
                 "layer": pa.array([layer] * c, type=pa.string()),
                 "input_layer": pa.array([input_layer] * c, type=pa.string()),
                 "unit": pa.array(np.arange(c, dtype=np.int32)),
-                "weight": _float_list_array(weight),
+                "weight": float_list_array(weight),
                 "bias": pa.array(
                     None if bias is None else np.asarray(bias, dtype=np.float32), type=pa.float32()
                 )
