@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from safety_helpers import tiny_fixture as tiny_fixture  # pytest fixture `tiny`
 
 from dissect_tui.errors import CacheError
 from dissect_tui.store import activation_stream
@@ -89,3 +94,40 @@ def test_an_interrupted_images_stage_cancels_the_insert(tmp_path):
             raise KeyboardInterrupt
     assert not _stream_threads()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+MID_STREAM = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from dissect_tui.store import writer
+    original = writer.CacheWriter.append_activations
+    def append(self, *a):
+        original(self, *a)  # the INSERT is running in its thread now
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    writer.CacheWriter.append_activations = append
+    from dissect_tui.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "line"), [("SIGINT", 130, "interrupted\n"), ("SIGTERM", 143, "interrupted (SIGTERM)\n")]
+)
+def test_a_signal_while_activations_stream_ends_in_one_line_and_no_litter(tiny, tmp_path, name, code, line):
+    from safety_helpers import ROOT, TESTS, dot_files, one_error_line
+
+    script = tmp_path / "mid_stream.py"
+    script.write_text(MID_STREAM.format(root=str(ROOT), tests=str(TESTS)), encoding="utf-8")
+    db = tmp_path / "c.duckdb"
+    out = subprocess.run(
+        [sys.executable, str(script), name, *tiny.index_argv(db)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
+    )
+    assert one_error_line(out.stderr, out.returncode, code) == line
+    assert not db.exists() and dot_files(tmp_path) == []
