@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cache_factory import make_cache
+from pilot_helpers import settle
 from rich.text import Text
 
 from dissect_tui.store.lockdown import is_locked_down
@@ -45,12 +46,6 @@ async def open_sql(app: BrowserApp, pilot) -> SqlScreen:
     screen = app.screen
     assert isinstance(screen, SqlScreen)
     return screen
-
-
-async def settle(app: BrowserApp, pilot) -> None:
-    for _ in range(3):
-        await app.workers.wait_for_complete()
-        await pilot.pause()
 
 
 async def run(app: BrowserApp, pilot, sql: str, key: str = "f5") -> SqlScreen:

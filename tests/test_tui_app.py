@@ -12,6 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 from cache_factory import make_cache
+from pilot_helpers import settle
 
 from dissect_tui.cli import main as cli_main
 from dissect_tui.store.reader import open_cache
@@ -46,13 +47,6 @@ def cache(built_cache, tmp_path) -> Path:
 
 def make_app(path: Path, graphics: str = "none") -> BrowserApp:
     return BrowserApp(open_cache(path), graphics=graphics, image_cls=None)
-
-
-async def settle(app: BrowserApp, pilot) -> None:
-    """Let workers finish and their results reach the screen."""
-    for _ in range(3):
-        await app.workers.wait_for_complete()
-        await pilot.pause()
 
 
 def main_screen(app: BrowserApp) -> MainScreen:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pilot_helpers import settle
 from test_explain import make_clip_cache
 
 from dissect_tui.store.reader import open_cache
@@ -28,18 +29,12 @@ def clip_cache(tmp_path_factory):
     return make_clip_cache(tmp_path_factory.mktemp("tui-explain"))[0]
 
 
-async def settle(app, pilot, rounds: int = 4) -> None:
-    for _ in range(rounds):
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-
-
 async def test_two_concept_search_ranks_all_neurons(clip_cache):
     app = BrowserApp(open_cache(clip_cache))
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("2", *"red", "enter", *"car", "enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         scr = app.screen
         assert isinstance(scr, MainScreen)
         q = scr.session.model.query
@@ -56,7 +51,7 @@ async def test_two_concept_search_ranks_all_neurons(clip_cache):
         assert scr.session.model.query is None and scr.session.sort == "layer"
         # The concept-query mode ranks by one free text.
         await pilot.press("c", *"zebra stripes", "enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         assert scr.session.model.query is not None and scr.session.model.query.title == "zebra stripes"
     assert app.session.sidecar is not None and "zebra stripes" in app.session.sidecar.recent_queries()
 
@@ -64,12 +59,12 @@ async def test_two_concept_search_ranks_all_neurons(clip_cache):
 async def test_compose_from_a_neuron_is_saved_for_the_next_session(clip_cache):
     app = BrowserApp(open_cache(clip_cache))
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         assert isinstance(app.screen, DetailScreen)
         await pilot.press("c")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         comp = app.screen
         assert isinstance(comp, ComposeScreen)
         assert comp.result is not None and comp.result[0] == 10 and len(comp.result[1]) == 90
@@ -82,9 +77,9 @@ async def test_compose_from_a_neuron_is_saved_for_the_next_session(clip_cache):
         assert best_pair in str(det.query_one("#composition").render())
     app = BrowserApp(open_cache(clip_cache))  # next session: the result comes from the sidecar
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         assert best_pair in str(app.screen.query_one("#composition").render())
 
 
@@ -112,9 +107,9 @@ async def test_a_moved_clip_is_found_with_the_clip_option(tmp_path):
 
     app = BrowserApp(open_cache(path))  # no --clip: one line that says what to do
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("c", *"red car", "enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         scr = app.screen
         assert scr.session.model.query is None and scr.mode == "text"
         [warning] = [n.message for n in app._notifications if n.severity == "warning"]
@@ -122,18 +117,18 @@ async def test_a_moved_clip_is_found_with_the_clip_option(tmp_path):
 
     app = BrowserApp(open_cache(path), clip=f"{config}:{weights}")
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("c", *"red car", "enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         q = app.screen.session.model.query
         assert q is not None and q.title == "red car" and np.isfinite(q.scores).all()
 
     other = make_tiny_clip(tmp_path / "other", seed=1)  # same architecture, other weights
     app = BrowserApp(open_cache(path), clip=other.spec)
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         await pilot.press("c", *"red car", "enter")
-        await settle(app, pilot)
+        await settle(app, pilot, rounds=4)
         assert app.screen.session.model.query is None  # wrong numbers are refused
         [warning] = [n.message for n in app._notifications if n.severity == "warning"]
         assert "is not this run's CLIP" in warning

@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 import pytest
 from cache_factory import make_cache
+from pilot_helpers import settle
 from rich.console import Console
 
 from dissect_tui.store.reader import open_cache
@@ -79,12 +80,6 @@ def assert_inert(app: BrowserApp, where: str) -> str:
     actions = [m["@click"] for m in metas if "@click" in m]
     assert not any("quit" in str(a) for a in actions), f"{where}: live action from data {actions}"
     return plain
-
-
-async def settle(app, pilot, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        await app.workers.wait_for_complete()
-        await pilot.pause()
 
 
 class FakeClip:

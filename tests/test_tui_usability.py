@@ -3,6 +3,7 @@ detail-screen keys, dialogs, help, resizing. Pilot tests on the small generated 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cache_factory import make_cache
+from pilot_helpers import settle
 from rich.color import ColorSystem
 
 from dissect_tui.store.reader import open_cache
@@ -43,12 +45,6 @@ def make_app(path: Path, graphics: str = "none", **kwargs) -> BrowserApp:
     image_cls = prepare_graphics(graphics) if graphics != "none" else None
     kwargs.setdefault("color_system", "truecolor")
     return BrowserApp(open_cache(path), graphics=graphics, image_cls=image_cls, **kwargs)
-
-
-async def settle(app, pilot, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        await app.workers.wait_for_complete()
-        await pilot.pause()
 
 
 def lines(app) -> list[str]:
@@ -116,8 +112,11 @@ async def test_a_running_query_shows_a_persistent_line_until_its_ranking_arrives
 
 
 async def test_a_failing_query_clears_the_busy_line(cache, monkeypatch):
+    release = threading.Event()
+
     class Broken:
         def query_scores(self, texts, table):
+            release.wait(5)  # still running when settle() starts: its failure must not escape the wait
             raise RuntimeError("tower fell over")
 
     app = make_app(cache)
@@ -125,9 +124,13 @@ async def test_a_failing_query_clears_the_busy_line(cache, monkeypatch):
     async with app.run_test(size=SMALL) as pilot:
         await settle(app, pilot)
         await pilot.press("c", *"dog", "enter")
+        assert "ranking by" in str(app.screen.query_one("#status").render())
+        asyncio.get_running_loop().call_later(0.1, release.set)
         await settle(app, pilot)
         assert "ranking by" not in str(app.screen.query_one("#status").render())
         assert app.return_code is None
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert errors == ["error: RuntimeError: tower fell over"]
 
 
 # -- sort arrows: ▲ ascending, ▼ descending, for every column --------------------------------------
