@@ -51,7 +51,7 @@ def _free_port() -> int:
 def _run(cmd: list[str], threads: int, cwd: Path) -> float:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True); print(done.stdout[-1500:], done.stderr[-1500:])
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -103,7 +103,7 @@ def main() -> None:
         common = [model, *(["--weights", "none"] if args.model else [])]  # a factory builds its own weights
         common += [
             "--probe", str(tmp / "images"), "--clip", clip, "--concepts", args.concepts,
-            "--device", args.device, "--batch-size", str(args.batch_size),
+            "--device", args.device, "--batch-size", str(args.batch_size), "--quiet",
         ]  # fmt: skip
         if args.layers:
             common += ["--layers", args.layers]
