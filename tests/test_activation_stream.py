@@ -68,10 +68,12 @@ def test_cancel_while_the_insert_waits_for_rows_ends_the_thread():
 
 
 def test_a_failed_streamed_build_leaves_no_thread_and_no_file(tmp_path, monkeypatch):
-    """A DuckDB error inside the INSERT's thread becomes the writer's one-line CacheError; the
-    temporary file goes, the previous cache stays."""
+    """A DuckDB error inside the INSERT's thread becomes the writer's one-line CacheError, which
+    names the INSERT's own error (not the aborted transaction it leaves); the temporary file goes."""
     final = tmp_path / "c.duckdb"
-    with pytest.raises(CacheError, match=r"cannot write the cache .*c\.duckdb: .*previous file is untouched"):
+    with pytest.raises(
+        CacheError, match=r"cannot write the cache .*c\.duckdb: .*NOT NULL.*; nothing was left behind$"
+    ):
         with CacheWriter(final, stream=True) as writer:
             writer.append_activations("l", np.arange(2), np.ones((2, 3), dtype=np.float32))
             # rows of another width are fine; a NULL row is not (acts is NOT NULL)

@@ -458,3 +458,38 @@ def test_writer_abort_removes_files_after_a_fatal_error(tmp_path, monkeypatch):
         make_cache(tmp_path / "c.duckdb")
     assert list(tmp_path.iterdir()) == []
     assert not filesafety.holds(tmp_path / "c.duckdb")
+
+
+def test_a_failed_insert_is_reported_by_its_own_error_not_the_aborted_transaction(tmp_path):
+    """After a failed INSERT, DuckDB refuses the cleanup of its Arrow view too ("Current
+    transaction is aborted"); the line must name what failed (a full disk, here a duplicate key)."""
+    final = tmp_path / "c.duckdb"
+    make_cache(final)
+    before = final.read_bytes()
+    with pytest.raises(CacheError) as caught:
+        with writer_module.CacheWriter(final) as writer:
+            writer.write_images(["a.jpg"], ["folder"], [(4, 4)], [None])
+            writer.write_images(["b.jpg"], ["folder"], [(4, 4)], [None])  # image_id 0 again
+    line = str(caught.value)
+    assert "constraint" in line.lower() and "aborted" not in line, line
+    assert line.endswith("; the previous file is untouched")
+    assert final.read_bytes() == before and dot_files(tmp_path) == []
+
+
+def test_registered_keeps_the_statements_error(tmp_path):
+    import pyarrow as pa
+
+    from dissect_tui.store.arrow_views import registered
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (i INTEGER NOT NULL)")
+    con.execute("BEGIN TRANSACTION")
+    with pytest.raises(duckdb.ConstraintException):
+        with registered(con, "_rows", pa.table({"i": pa.array([None], pa.int32())})):
+            con.execute("INSERT INTO t SELECT i FROM _rows")
+    con.execute("ROLLBACK")
+    with registered(con, "_rows", pa.table({"i": pa.array([1, 2], pa.int32())})):
+        con.execute("INSERT INTO t SELECT i FROM _rows")
+    assert con.execute("SELECT sum(i) FROM t").fetchall() == [(3,)]
+    with pytest.raises(duckdb.CatalogException):  # gone after the block
+        con.execute("SELECT * FROM _rows")

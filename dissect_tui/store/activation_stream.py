@@ -23,6 +23,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from dissect_tui.store.arrow_views import registered
+
 SCHEMA = pa.schema([("layer", pa.string()), ("image_id", pa.int32()), ("acts", pa.list_(pa.float32()))])
 BATCH_BYTES = 16 << 20  # rows of one Arrow batch (at least one row)
 QUEUE_BATCHES = 2  # batches waiting for DuckDB: the producer blocks beyond this
@@ -82,14 +84,11 @@ class ActivationStream:
     def _run(self) -> None:
         try:
             reader = pa.RecordBatchReader.from_batches(SCHEMA, self._batches())
-            self._con.register("_activation_stream", reader)
-            try:
+            with registered(self._con, "_activation_stream", reader):
                 self._con.execute(
                     "INSERT INTO activation_rows (layer, image_id, acts) "
                     "SELECT layer, image_id, acts FROM _activation_stream"
                 )
-            finally:
-                self._con.unregister("_activation_stream")
         except BaseException as exc:  # noqa: BLE001 - handed to the producer
             self._error = exc
             self._stop.set()

@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from dissect_tui.errors import CacheError
+from dissect_tui.store.arrow_views import registered
 from dissect_tui.store.reader import open_cache, parse_version
 from dissect_tui.store.schema import SCHEMA_VERSION
 
@@ -307,8 +308,5 @@ def _insert(
 ) -> None:
     if rows.num_rows == 0:
         return
-    con.register("_rows", rows)
-    try:
+    with registered(con, "_rows", rows):
         con.execute(f"INSERT INTO {table} BY NAME SELECT {select}", params or [])
-    finally:
-        con.unregister("_rows")

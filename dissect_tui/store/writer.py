@@ -32,6 +32,7 @@ import pyarrow as pa
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
 from dissect_tui.store.activation_stream import ActivationStream, StreamError, float_list_array
+from dissect_tui.store.arrow_views import registered
 from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, truncation
 from dissect_tui.store.schema import (
     FORMAT_KEY,
@@ -323,7 +324,8 @@ class CacheWriter:
 
     def failure(self, exc: BaseException) -> str:
         """One line for an error while building the cache (a full disk is said plainly)."""
-        return f"cannot write the cache {self.final_path}: {_reason(exc)}; the previous file is untouched"
+        kept = "the previous file is untouched" if self._final_stat is not None else "nothing was left behind"
+        return f"cannot write the cache {self.final_path}: {_reason(exc)}; {kept}"
 
     def _upgrade(self) -> None:
         """Bring a copied older cache to SCHEMA_VERSION (1 -> 2: runs.template, the format marker)."""
@@ -419,15 +421,12 @@ class CacheWriter:
         """Bulk insert columns (Arrow arrays); ``constants`` fill whole columns from one bound value."""
         constants = constants or {}
         arrow = pa.table(data)
-        self.con.register("_incoming", arrow)
-        try:
-            cols = ", ".join([*constants, *data])
-            select = ", ".join(["?" for _ in constants] + list(data))
+        cols = ", ".join([*constants, *data])
+        select = ", ".join(["?" for _ in constants] + list(data))
+        with registered(self.con, "_incoming", arrow):
             self.con.execute(
                 f"INSERT INTO {table} ({cols}) SELECT {select} FROM _incoming", list(constants.values())
             )
-        finally:
-            self.con.unregister("_incoming")
         if self.stream and table != "activation_rows" and arrow.nbytes >= self.STREAM_BIG_INSERT:
             # top lists of wide layers are millions of rows: committed now, not all at the end,
             # where their sum would not fit the streamed build's memory limit
