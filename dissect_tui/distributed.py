@@ -10,14 +10,16 @@ copies into the one cache file (so the cache's folder must be one every machine 
 alone encodes concepts, scores, writes, prints progress and the summary.
 
 A rank that fails reports its one-line error to rank 0, which fails the run with it; torchrun
-then stops the others. No cache and no temporary file is left.
+then stops the others. When rank 0 fails, the others find out in a collective (RankLost) and end
+without a line of their own. No cache and no temporary file is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +36,12 @@ TIMEOUT = datetime.timedelta(hours=24)
 
 class ReportedElsewhere(UserError):
     """This rank's failure was handed to rank 0, which reports it: exit 2 without a second line."""
+
+
+class RankLost(UserError):
+    """A collective failed because another rank is gone (it failed, was killed, or its machine
+    left). Rank 0 says so in one line; the other ranks exit quietly, since rank 0 (or torchrun's
+    own report, when rank 0 is the one that vanished) says which rank ended the run."""
 
 
 @dataclass(frozen=True)
@@ -101,18 +109,21 @@ class Group:
         )
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self._objects)
+        with _peers_needed():
+            self._dist.barrier(group=self._objects)
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` at rank 0 (in rank order); None elsewhere."""
         out: list[Any] | None = [None] * self.ranks.world if self.ranks.main else None
-        self._dist.gather_object(obj, out, dst=0, group=self._objects)
+        with _peers_needed():
+            self._dist.gather_object(obj, out, dst=0, group=self._objects)
         return out
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's ``obj`` on every rank."""
         box = [obj]
-        self._dist.broadcast_object_list(box, src=0, group=self._objects)
+        with _peers_needed():
+            self._dist.broadcast_object_list(box, src=0, group=self._objects)
         return box[0]
 
     def close(self) -> None:
@@ -120,6 +131,18 @@ class Group:
             self._dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the group may already be broken by a failed rank
             pass
+
+
+@contextlib.contextmanager
+def _peers_needed() -> Iterator[None]:
+    """A collective's failure (gloo: "Connection closed by peer", NCCL: a DistError; both
+    RuntimeErrors) means another rank is gone: RankLost, one line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split("] ", 1)[-1] if first.startswith("[") else first  # gloo's source location
+        raise RankLost(f"another rank of the run stopped ({first.split('. ')[0][:200]})") from None
 
 
 def rank_order(n_images: int, batch_size: int, ranks: Ranks) -> list[int]:

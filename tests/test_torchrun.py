@@ -27,8 +27,8 @@ def build():
     forward = model.forward
 
     def failing(x):
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
-            raise RuntimeError("rank one ran out of luck")
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == RANK:
+            raise EXC(f"rank {RANK} ran out of luck")
         return forward(x)
 
     model.forward = failing
@@ -47,7 +47,8 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
     images = make_image_tree(root, 44, broken=True)
     factory = write_tiny_cnn_factory(root)
-    (root / "rank_fails.py").write_text(RANK_FAILS)
+    for rank, exc in ((0, "OSError"), (1, "RuntimeError")):  # OSError: a one-line error on rank 0
+        (root / f"rank{rank}_fails.py").write_text(f"RANK, EXC = {rank}, {exc}\n" + RANK_FAILS)
     clip = make_tiny_clip(root)
     return {"root": root, "images": images, "factory": factory, "clip": clip.spec}
 
@@ -119,12 +120,37 @@ def test_two_ranks_write_the_cache_one_process_writes(ws, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.duckdb", "single.duckdb"]
 
 
+def _our_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted", "[rank"))]
+
+
 def test_a_failing_rank_fails_the_run_with_one_line_and_no_litter(ws, tmp_path):
     db = tmp_path / "failed.duckdb"
-    out = _torchrun(ws, _index_args(ws, f"{ws['root'] / 'rank_fails.py'}:build", db))
+    out = _torchrun(ws, _index_args(ws, f"{ws['root'] / 'rank1_fails.py'}:build", db))
     assert out.returncode != 0
-    ours = [line for line in out.stderr.splitlines() if line.startswith(("error:", "interrupted"))]
-    assert ours == ["error: rank 1 failed: RuntimeError: rank one ran out of luck"], out.stderr
+    assert _our_lines(out.stderr) == ["error: rank 1 failed: RuntimeError: rank 1 ran out of luck"], (
+        out.stderr
+    )
     # torchrun's launcher adds its own failure report (ChildFailedError); no frame of ours is in it
     assert "dissect_tui/" not in out.stderr, out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("when", ["before the barrier", "in the images stage"])
+def test_when_rank_0_fails_the_others_end_quietly(ws, tmp_path, when):
+    """Rank 0's line is the run's only one: the other ranks, waiting in a collective when rank 0
+    goes, exit without a traceback or a second line."""
+    db = tmp_path / "x.duckdb"
+    if when == "before the barrier":
+        db.write_text("not a cache")  # rank 0 refuses the target before the others set up
+        model, line = ws["factory"], "error: " + str(db) + " exists and is not a dissect-tui cache"
+    else:
+        model, line = f"{ws['root'] / 'rank0_fails.py'}:build", "error: rank 0 ran out of luck"
+    out = _torchrun(ws, _index_args(ws, model, db))
+    assert out.returncode != 0
+    ours = _our_lines(out.stderr)
+    assert len(ours) == 1 and ours[0].startswith(line), out.stderr
+    assert "dissect_tui/" not in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["x.duckdb"] if when == "before the barrier" else []
+    )

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import cast
 
+from dissect_tui import signals
 from dissect_tui.commands._options import add_scoring_options, scoring_options, split_list
 from dissect_tui.concepts import SHIPPED
 from dissect_tui.settings import (
@@ -145,6 +146,16 @@ def run(args: argparse.Namespace) -> int:
             result = run_index(settings, progress)
     except distributed.ReportedElsewhere:
         return 2
+    except BaseException as exc:
+        if main_rank:
+            raise
+        # The other ranks end quietly when rank 0 speaks for the run: after a signal (the Ctrl-C
+        # every rank got, or torchrun stopping them because a rank failed) and when rank 0 is gone.
+        if signals.is_interrupt(exc) or signals.received_signal() is not None:
+            return signals.exit_code(exc)
+        if isinstance(exc, distributed.RankLost):
+            return 2
+        raise
     if result is None:
         return 0
     print_summary(result, quiet=args.quiet)
