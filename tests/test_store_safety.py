@@ -493,3 +493,40 @@ def test_registered_keeps_the_statements_error(tmp_path):
     assert con.execute("SELECT sum(i) FROM t").fetchall() == [(3,)]
     with pytest.raises(duckdb.CatalogException):  # gone after the block
         con.execute("SELECT * FROM _rows")
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_sidecar_that_cannot_be_set_up_leaves_no_empty_file(tmp_path, monkeypatch, existed):
+    """On a full disk SQLite creates the browser's sidecar file and then fails to write its
+    schema: the empty file it made goes; one that was there before stays."""
+    import sqlite3
+
+    from dissect_tui.store import sidecar as sidecar_module
+
+    path = tmp_path / "x.duckdb.browse.sqlite"
+    if existed:
+        path.touch()
+    real = sqlite3.connect
+
+    class FullDisk:
+        def __init__(self, con):
+            self._con = con
+
+        def execute(self, sql, *args):  # the WAL pragma, which writes the file's header
+            raise sqlite3.OperationalError("database or disk is full")
+
+        executescript = execute
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(sidecar_module.sqlite3, "connect", lambda *a, **k: FullDisk(real(*a, **k)))
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        sidecar_module.Sidecar(path, "1@now")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["x.duckdb.browse.sqlite"] if existed else [])

@@ -59,8 +59,27 @@ class Sidecar:
     def __init__(self, path: Path, key: str) -> None:
         self.path = Path(path)
         self.key = key
-        with self._connect() as con:
-            con.executescript(SCHEMA)
+        existed = self.path.exists()
+        try:
+            with self._connect() as con:
+                con.executescript(SCHEMA)
+        except BaseException:
+            if not existed:
+                self._remove_if_empty()
+            raise
+
+    def _remove_if_empty(self) -> None:
+        """A sidecar this call created but could not set up (a full disk): SQLite leaves an empty
+        file, which holds nothing anybody could lose."""
+        for name in (
+            self.path,
+            *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "-journal")),
+        ):
+            try:
+                if name.stat().st_size == 0:
+                    name.unlink()
+            except OSError:
+                pass
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
