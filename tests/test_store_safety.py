@@ -527,6 +527,8 @@ def test_a_sidecar_that_cannot_be_set_up_leaves_no_empty_file(tmp_path, monkeypa
             return False
 
     monkeypatch.setattr(sidecar_module.sqlite3, "connect", lambda *a, **k: FullDisk(real(*a, **k)))
-    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+    with pytest.raises(
+        sidecar_module.SidecarError, match=r"^the browser's file .*browse\.sqlite: database or disk is full$"
+    ):
         sidecar_module.Sidecar(path, "1@now")
     assert sorted(p.name for p in tmp_path.iterdir()) == (["x.duckdb.browse.sqlite"] if existed else [])

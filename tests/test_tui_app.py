@@ -477,6 +477,31 @@ async def test_pins_persist_in_sidecar(cache):
         assert shown(app) == [("conv1", 1)]
 
 
+async def test_pins_on_a_full_disk_say_so_once_and_name_the_file(cache, monkeypatch):
+    """The sidecar fails after the browser started (the disk filled up): each pin's save fails,
+    one error toast names the file — the same line is not stacked for every further pin."""
+    import sqlite3
+
+    from dissect_tui.store import sidecar as sidecar_module
+
+    app = make_app(cache)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+
+        def full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(sidecar_module.sqlite3, "connect", full)
+        for _ in range(4):
+            await pilot.press("m", "down")
+            await settle(app, pilot)
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert errors == [
+            f"error: the browser's file {cache.parent / 'tiny.duckdb.browse.sqlite'}: database or disk is full"
+        ]
+        assert app.return_code is None and len(main_screen(app).session.model.pinned.nonzero()[0]) == 4
+
+
 async def test_concept_query_without_clip_falls_back_to_substring(cache, monkeypatch):
     """When the run's CLIP cannot be loaded (Explainer raises UserError, see test_explain.py),
     the query turns into a substring search. Stubbed here so this test needs no torch."""

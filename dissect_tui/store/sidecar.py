@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dissect_tui.errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS compositions (
     run_key TEXT NOT NULL, layer TEXT NOT NULL, unit INTEGER NOT NULL, breadth INTEGER NOT NULL,
@@ -35,6 +37,10 @@ CREATE TABLE IF NOT EXISTS queries (
     PRIMARY KEY (run_key, text)
 );
 """
+
+
+class SidecarError(UserError):
+    """The sidecar could not be read or written (a full disk, a damaged or locked file)."""
 
 
 def sidecar_path(cache: Path) -> Path:
@@ -83,17 +89,21 @@ class Sidecar:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection, committed on success and always closed."""
-        con = sqlite3.connect(self.path, timeout=10)
+        """One transaction on a fresh connection, committed on success and always closed.
+        SQLite's errors (a full disk, a damaged file) become one SidecarError line naming the file."""
         try:
+            con = sqlite3.connect(self.path, timeout=10)
             try:
-                con.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.OperationalError:
-                pass  # e.g. a network file system without shared memory: the rollback journal works
-            with con:
-                yield con
-        finally:
-            con.close()
+                try:
+                    con.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.OperationalError:
+                    pass  # e.g. a network file system without shared memory: the rollback journal works
+                with con:
+                    yield con
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            raise SidecarError(f"the browser's file {self.path}: {exc}") from None
 
     # -- compositions --------------------------------------------------------------------
     def save_composition(

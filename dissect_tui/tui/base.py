@@ -7,7 +7,9 @@ below: a one-line error, never a traceback.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from rich.text import Text
 from textual.binding import Binding
@@ -38,13 +40,24 @@ def error_line(exc: BaseException | None) -> str:
     return "error: " + printable(message)
 
 
+ERROR_TOAST_S = 10
+# The line of the error toast on screen now, per app: the same failure again (every pin on a full
+# disk) is not stacked a second time over the table while the first is still up.
+_shown_errors: WeakKeyDictionary[App, tuple[str, float]] = WeakKeyDictionary()
+
+
 def report_worker_error(app: App, worker: Worker) -> None:
     """Show a failed worker's error as one line; a failed load ends the app (exit 2)."""
     line = error_line(worker.error)
     if worker.group in FATAL_GROUPS:
         app.exit(return_code=2, message=Text(line))
-    else:
-        app.notify(line, severity="error", timeout=10, markup=False)
+        return
+    shown = _shown_errors.get(app)
+    now = time.monotonic()
+    if shown is not None and shown[0] == line and now - shown[1] < ERROR_TOAST_S:
+        return
+    _shown_errors[app] = (line, now)
+    app.notify(line, severity="error", timeout=ERROR_TOAST_S, markup=False)
 
 
 # The app's q and ?, repeated first in each screen's bindings so the footer shows them first
