@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from dissect_tui import __version__, filesafety, signals
@@ -101,8 +101,27 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser = chosen
 
 
+@contextlib.contextmanager
+def _output_never_fails_on_text() -> Iterator[None]:
+    """On a stdout that cannot encode every character (PYTHONIOENCODING=ascii, a Latin-1
+    terminal), a label or SQL value outside it is written as a backslash escape, as stderr does,
+    instead of ending the command in a UnicodeEncodeError. Restored afterwards."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    if errors != "strict" or not hasattr(out, "reconfigure"):
+        yield
+        return
+    out.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a closed stdout keeps what it had
+            out.reconfigure(errors=errors)
+
+
 def _run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_output_never_fails_on_text())
         if args.command != "browse":  # the browser's event loop keeps the default signal handling
             stack.enter_context(signals.command_signals())
         stack.enter_context(filesafety.notes_to(_print_note))

@@ -266,3 +266,24 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, ca
     rc = main(busy_argvs(db, classes)[0])
     assert f"cannot write in folder {folder}" in one_error_line(capsys.readouterr().err, rc)
     assert opened == [] and dot_files(folder) == []
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_text_a_narrow_stdout_cannot_encode_is_escaped_not_a_traceback(cache, tmp_path, encoding):
+    """PYTHONIOENCODING=ascii or a Latin-1 terminal: values outside it come out as backslash
+    escapes (as on stderr), rules as '-'; the command succeeds. CSV stays UTF-8 (it is data)."""
+    sql = "SELECT 'caf\u00e9 \u00d7 \u2026' AS x, 1 AS y"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": encoding}
+    table = subprocess.run(
+        [sys.executable, "-m", "dissect_tui", "sql", str(cache), sql],
+        capture_output=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert table.returncode == 0 and table.stderr == b"", table.stderr
+    out = table.stdout.decode(encoding)
+    assert "\\u2026" in out and "1 row" in out
+    assert out.splitlines()[1].strip() == "-" * 8 + "  -"  # the value is 8 cells wide
+    csv = subprocess.run(
+        [sys.executable, "-m", "dissect_tui", "sql", str(cache), sql, "--csv"],
+        capture_output=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert csv.returncode == 0 and csv.stdout.decode("utf-8").splitlines()[1] == "caf\u00e9 \u00d7 \u2026,1"

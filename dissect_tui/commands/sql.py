@@ -325,6 +325,15 @@ def print_result(
     return n
 
 
+def _rule_char(console: Any) -> str:
+    """A box-drawing line where the output can encode it (not on an ASCII or Latin-1 stdout)."""
+    try:
+        "─".encode(console.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return "-"
+    return "─"
+
+
 def _print_table(
     console: Any, names: list[str], cells: list[list[str]], rows: list[tuple], widths: list[int]
 ) -> None:
@@ -351,7 +360,10 @@ def _print_table(
 
     console.print(line(names, ["bold"] * len(names)), crop=False, soft_wrap=True)
     console.print(
-        Text(" " * GAP).join(Text("─" * w) for w in widths), style="dim", crop=False, soft_wrap=True
+        Text(" " * GAP).join(Text(_rule_char(console) * w) for w in widths),
+        style="dim",
+        crop=False,
+        soft_wrap=True,
     )
     for row, values in zip(rows, cells, strict=True):
         styles = ["dim" if v is None else "" for v in row]
@@ -368,9 +380,10 @@ def _print_lines(
     name_w = max(cell_len(n) for n in names)
     value_w = None if width is None else max(READABLE, width - name_w - 2)
     for k, (row, values) in enumerate(zip(rows, cells, strict=True), 1):
-        rule = f"── row {k} "
+        dash = _rule_char(console)
+        rule = f"{dash * 2} row {k} "
         console.print(
-            rule + "─" * max(0, min(width or 40, 40) - cell_len(rule)),
+            rule + dash * max(0, min(width or 40, 40) - cell_len(rule)),
             style="dim",
             crop=False,
             soft_wrap=True,
