@@ -4,9 +4,9 @@ Each subcommand lives in its own module exposing ``register(subparsers)``; modul
 their heavy dependencies (torch, textual) inside ``run`` so `--help` and `browse` start fast.
 
 Every way a command can end is one line at most: a UserError, a full disk, a damaged file, a
-DuckDB failure or an OS error print ``error: …`` and exit 2; Ctrl-C exits 130, SIGTERM 143,
-SIGHUP 129 (128 + the signal), after the same cleanup (see dissect_tui.signals). Cache write
-locks still held when a command ends are released here.
+DuckDB failure, an OS error or running out of memory (host or GPU) print ``error: …`` and exit
+2; Ctrl-C exits 130, SIGTERM 143, SIGHUP 129 (128 + the signal), after the same cleanup (see
+dissect_tui.signals). Cache write locks still held when a command ends are released here.
 
 A command line argparse cannot parse (an unknown option, a missing argument, a bad value or
 choice) is the same: one ``error: …`` line and one hint naming the command's ``--help``, exit 2,
@@ -150,6 +150,10 @@ def _report(exc: BaseException) -> int | None:
         return 2
     if isinstance(exc, BrokenPipeError):
         return 0  # `dissect-tui sql … | head`
+    if isinstance(exc, MemoryError) or _accelerator_oom(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _say(f"error: out of memory{': ' + first if first else ''}")
+        return 2
     duckdb = sys.modules.get("duckdb")
     if duckdb is not None and isinstance(exc, duckdb.Error):  # a damaged file, a full disk
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -160,6 +164,14 @@ def _report(exc: BaseException) -> int | None:
         _say(f"error: {where}{exc.strerror or exc}")
         return 2
     return None
+
+
+def _accelerator_oom(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (a RuntimeError; CUDA's says "CUDA out of memory. Tried to …"),
+    recognised without importing torch here."""
+    return isinstance(exc, RuntimeError) and any(
+        cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch") for cls in type(exc).__mro__
+    )
 
 
 def _say(line: str) -> None:

@@ -287,3 +287,37 @@ def test_text_a_narrow_stdout_cannot_encode_is_escaped_not_a_traceback(cache, tm
         capture_output=True, timeout=120, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert csv.returncode == 0 and csv.stdout.decode("utf-8").splitlines()[1] == "caf\u00e9 \u00d7 \u2026,1"
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (
+            MemoryError(
+                "Unable to allocate 37.2 GiB for an array with shape (1281167, 3904) and data type float64"
+            ),
+            "error: out of memory: Unable to allocate 37.2 GiB for an array with shape (1281167, 3904) and data type float64",
+        ),
+        (MemoryError(), "error: out of memory"),
+        (
+            "torch",
+            "error: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 139.8 GiB total",
+        ),
+    ],
+)
+def test_running_out_of_memory_is_one_line(cache, capsys, monkeypatch, exc, line):
+    import dissect_tui.commands.export as export_command
+
+    if exc == "torch":
+        import torch
+
+        exc = torch.OutOfMemoryError(
+            line.removeprefix("error: out of memory: ") + "\nOf the allocated memory …"
+        )
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr(export_command, "run", run)
+    assert main(["export", str(cache), str(cache.parent / "x.csv")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
