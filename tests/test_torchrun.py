@@ -4,9 +4,11 @@ single process's; a failing rank fails the run with one line of ours and leaves 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -154,3 +156,60 @@ def test_when_rank_0_fails_the_others_end_quietly(ws, tmp_path, when):
     assert sorted(p.name for p in tmp_path.iterdir()) == (
         ["x.duckdb"] if when == "before the barrier" else []
     )
+
+
+STALLS = """
+import os, time
+import torch
+from tiny_cnn import build as _build
+
+
+def build():
+    model = _build()
+    forward = model.forward
+
+    def stalling(x):  # every rank, in its images stage: say so, then wait for the Ctrl-C
+        open(os.environ["STALL_DIR"] + f"/rank{torch.distributed.get_rank()}", "w").close()
+        time.sleep(120)
+        return forward(x)
+
+    model.forward = stalling
+    return model
+"""
+
+
+def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_and_no_litter(ws, tmp_path):
+    """Ctrl-C reaches torchrun and every rank (one process group): rank 0 says `interrupted`, the
+    others end quietly, the rank shards and the temporary cache are gone."""
+    (tmp_path / "stalls.py").write_text(STALLS)
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    out.mkdir()
+    ready.mkdir()
+    env = {**_env(ws["root"]), "STALL_DIR": str(ready), "PYTHONPATH": f"{ROOT}{os.pathsep}{ws['root']}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    args = _index_args(ws, f"{tmp_path / 'stalls.py'}:build", out / "x.duckdb")
+    proc = subprocess.Popen(
+        [*cmd, "-m", "dissect_tui", *args], env=env, cwd=ws["root"], start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240  # a safety net: both ranks normally stall within seconds
+        while len(list(ready.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(p.name for p in ready.iterdir()) == ["rank0", "rank1"]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert _our_lines(err) == ["interrupted"], err
+    assert "dissect_tui/" not in err, err
+    assert list(out.iterdir()) == []
