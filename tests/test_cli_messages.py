@@ -321,3 +321,15 @@ def test_running_out_of_memory_is_one_line(cache, capsys, monkeypatch, exc, line
     monkeypatch.setattr(export_command, "run", run)
     assert main(["export", str(cache), str(cache.parent / "x.csv")]) == 2
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_command_leaves_stdout_as_it_found_it(cache, monkeypatch):
+    import io
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["sql", str(cache), "SELECT '\u2026' AS x", "--mode", "line"]) == 0
+    out.flush()
+    assert "x: \\u2026" in raw.getvalue().decode("ascii")  # escaped during the command
+    assert out.errors == "strict"  # and the stream's own setting is back
