@@ -5,6 +5,7 @@ analyze refuse a cache another process is writing before they compute anything."
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -261,10 +262,22 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, ca
     classes = write_classes(tmp_path)
     opened: list[str] = []
     monkeypatch.setattr(store, "open_cache", lambda *a, **k: opened.append("x"))
-    real_access = os.access  # a read-only folder (the tests may run as root, who writes anyway)
+    # A read-only file system (the tests may run as root, who writes anyway): os.access says no,
+    # and creating a file there (the lock) fails with EROFS.
+    real_access, real_open = os.access, os.open
     monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != folder and real_access(p, mode, **k))
-    rc = main(busy_argvs(db, classes)[0])
-    assert f"cannot write in folder {folder}" in one_error_line(capsys.readouterr().err, rc)
+
+    def read_only_open(p, flags, *a, **k):
+        if Path(p).parent == folder and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(p))
+        return real_open(p, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    compose = ["compose", str(db), "--layer", "fc", "--quiet"]
+    for argv in [*busy_argvs(db, classes), compose]:
+        rc = main(argv)
+        line = one_error_line(capsys.readouterr().err, rc)
+        assert f"cannot write in folder {folder}" in line and "pass --no-save" in line, argv
     assert opened == [] and dot_files(folder) == []
 
 

@@ -132,18 +132,14 @@ def reserve_for_metrics(path: str | Path) -> Path:
         return path  # nothing to lock: opening it says what is wrong
     final = filesafety.writable_target(path, "DB")
     hint = "pass --no-save to print the results without storing them"
-    taken_here = not filesafety.holds(final)
+    # The folder first: on a read-only file system the lock file cannot even be created.
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        raise CacheError(f"cannot write in folder {final.parent}, where the results are stored: {hint}")
     try:
         filesafety.acquire(final)
     except CacheError as exc:
         head, busy, _ = str(exc).partition(_BUSY)
-        if not busy:
-            raise
-        raise CacheError(f"{head}{_BUSY}, or {hint}") from None
-    if not os.access(final.parent, os.W_OK | os.X_OK):
-        if taken_here:
-            filesafety.release(final)
-        raise CacheError(f"cannot write in folder {final.parent}, where the metrics are stored: {hint}")
+        raise CacheError(f"{head}{_BUSY}, or {hint}" if busy else f"{exc}: {hint}") from None
     return final
 
 
