@@ -77,3 +77,43 @@ def browse_cmd_args(cache: str, **kw):
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
+
+
+def test_without_a_terminal_browse_is_one_line_not_a_hang(folder, tmp_path):
+    """stdin from /dev/null (cron, a pipe, CI): Textual would draw into stderr and wait for keys
+    forever; the command says what it needs instead."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dissect_tui", "browse", str(folder / "alpha.duckdb"), "--graphics", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: browse needs a terminal") and "dissect-tui sql" in line
+    assert "\x1b" not in proc.stderr  # nothing was drawn
+
+
+def test_a_terminal_on_stdin_and_stderr_is_enough(monkeypatch):
+    import sys
+
+    primary, secondary = os.openpty()
+    tty = os.fdopen(secondary, "w")
+    try:
+        with open(os.devnull) as devnull:
+            monkeypatch.setattr(sys, "stdin", tty)
+            monkeypatch.setattr(sys, "__stderr__", tty)
+            assert app_module.on_a_terminal()
+            monkeypatch.setattr(sys, "stdin", devnull)
+            assert not app_module.on_a_terminal()
+            monkeypatch.setattr(sys, "stdin", tty)
+            monkeypatch.setattr(sys, "__stderr__", devnull)
+            assert not app_module.on_a_terminal()
+            monkeypatch.setattr(sys, "__stderr__", None)  # pythonw-like: no stream at all
+            assert not app_module.on_a_terminal()
+    finally:
+        tty.close()
+        os.close(primary)

@@ -10,6 +10,7 @@ the first time a concept query or composition needs it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from dissect_tui.errors import UserError
 from dissect_tui.store.reader import CacheReader
 from dissect_tui.tui.base import ReportsWorkerErrors, is_text_entry
 from dissect_tui.tui.compose import ComposeScreen
@@ -28,6 +30,12 @@ from dissect_tui.tui.main import MainScreen
 from dissect_tui.tui.neuron_table import NeuronTable
 from dissect_tui.tui.session import BrowseSession
 from dissect_tui.tui.sql import SqlScreen
+
+
+def on_a_terminal() -> bool:
+    """Keys from a terminal on stdin, and a terminal on stderr, where Textual draws."""
+    streams = (sys.stdin, sys.__stderr__)
+    return all(s is not None and hasattr(s, "isatty") and s.isatty() for s in streams)
 
 
 class BrowserApp(ReportsWorkerErrors, App):
@@ -72,6 +80,16 @@ class BrowserApp(ReportsWorkerErrors, App):
         colors = color_system if color_system is not None else self.console.color_system
         if colors in ("standard", "windows"):
             self.theme = "ansi-dark"
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The app on this terminal. Without one (stdin from a file or /dev/null, the screen
+        redirected) Textual would draw escape codes into the file and wait for keys forever."""
+        if not kwargs.get("headless") and not on_a_terminal():
+            raise UserError(
+                "browse needs a terminal: its keys come from stdin and its screen goes to stderr, "
+                "and one of them is not a terminal; in scripts use `dissect-tui sql` or `dissect-tui export`"
+            )
+        return super().run(*args, **kwargs)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("quit", "help", "sql") and is_text_entry(self.focused):
