@@ -67,16 +67,21 @@ def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{root}", "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(ws, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [
+def _torchrun_cmd(args: list[str]) -> list[str]:
+    """`torchrun --nproc_per_node=2 -m dissect_tui ARGS` on a free port."""
+    launcher = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
     ]
+    return [*launcher, "-m", "dissect_tui", *args]
+
+
+def _torchrun(ws, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*cmd, "-m", "dissect_tui", *args],
+        _torchrun_cmd(args),
         capture_output=True,
         text=True,
         env=_env(ws["root"]),
@@ -185,17 +190,10 @@ def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_and_no_litter(ws, tmp_pat
     out, ready = tmp_path / "out", tmp_path / "ready"
     out.mkdir()
     ready.mkdir()
-    env = {**_env(ws["root"]), "STALL_DIR": str(ready), "PYTHONPATH": f"{ROOT}{os.pathsep}{ws['root']}"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-    ]
+    env = {**_env(ws["root"]), "STALL_DIR": str(ready)}
     args = _index_args(ws, f"{tmp_path / 'stalls.py'}:build", out / "x.duckdb")
     proc = subprocess.Popen(
-        [*cmd, "-m", "dissect_tui", *args], env=env, cwd=ws["root"], start_new_session=True,
+        _torchrun_cmd(args), env=env, cwd=ws["root"], start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
