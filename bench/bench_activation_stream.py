@@ -29,7 +29,7 @@ import json, os, resource, sys, time
 import duckdb, numpy as np, pyarrow as pa
 sys.path.insert(0, {root!r})
 from dissect_tui.store.activation_stream import ActivationStream
-from dissect_tui.store.writer import STREAM_MEMORY_BYTES
+from dissect_tui.store.activation_stream import STREAM_MEMORY_BYTES
 
 n, k, variant, path = {n}, {k}, {variant!r}, {path!r}
 rows = max(1, (16 << 20) // (4 * k))

@@ -18,12 +18,33 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from dissect_tui.store.arrow_views import registered
+
+STREAM_MEMORY_BYTES = 256 << 20  # DuckDB's memory limit while activations stream in
+STREAM_ROW_GROUP = 2048  # DuckDB's smallest row group: a wide layer's unfinished one stays small
+
+
+def connect_for_stream(path: Path, alias: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the database file ``path`` attached as ``alias`` (and in use),
+    set up for a streamed build: small row groups, STREAM_MEMORY_BYTES, spilling beside the file
+    (as a file database would), where the cleanup of leftovers looks for it."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET temp_directory = ?", [str(path) + ".tmp"])
+        con.execute(f"SET memory_limit = '{STREAM_MEMORY_BYTES >> 20}MB'")
+        con.execute(f"ATTACH ? AS {alias} (ROW_GROUP_SIZE {STREAM_ROW_GROUP})", [str(path)])
+        con.execute(f"USE {alias}")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
 
 SCHEMA = pa.schema([("layer", pa.string()), ("image_id", pa.int32()), ("acts", pa.list_(pa.float32()))])
 BATCH_BYTES = 16 << 20  # rows of one Arrow batch (at least one row)

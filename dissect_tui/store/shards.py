@@ -14,8 +14,8 @@ import numpy as np
 
 from dissect_tui import filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.activation_stream import ActivationStream, StreamError
-from dissect_tui.store.writer import STREAM_MEMORY_BYTES, STREAM_ROW_GROUP, _reason
+from dissect_tui.store.activation_stream import ActivationStream, StreamError, connect_for_stream
+from dissect_tui.store.writer import _reason
 
 SHARD_TABLE = (
     "CREATE TABLE activation_rows (layer VARCHAR NOT NULL, image_id INTEGER NOT NULL, acts FLOAT[] NOT NULL)"
@@ -34,11 +34,7 @@ class ShardWriter:
         self.path = shard_path(Path(final), rank)
         filesafety.remove_db_files(self.path)
         try:
-            self.con = signals.track(duckdb.connect(":memory:"))
-            self.con.execute("SET temp_directory = ?", [str(self.path) + ".tmp"])
-            self.con.execute(f"SET memory_limit = '{STREAM_MEMORY_BYTES >> 20}MB'")
-            self.con.execute(f"ATTACH ? AS shard (ROW_GROUP_SIZE {STREAM_ROW_GROUP})", [str(self.path)])
-            self.con.execute("USE shard")
+            self.con = signals.track(connect_for_stream(self.path, "shard"))
             self.con.execute("BEGIN TRANSACTION")
             self.con.execute(SHARD_TABLE)
             self.stream = ActivationStream(self.con)

@@ -31,7 +31,12 @@ import pyarrow as pa
 
 from dissect_tui import __version__, filesafety, signals
 from dissect_tui.errors import CacheError
-from dissect_tui.store.activation_stream import ActivationStream, StreamError, float_list_array
+from dissect_tui.store.activation_stream import (
+    ActivationStream,
+    StreamError,
+    connect_for_stream,
+    float_list_array,
+)
 from dissect_tui.store.arrow_views import registered
 from dissect_tui.store.reader import DUCKDB_MAGIC, open_failure, parse_version, truncation
 from dissect_tui.store.schema import (
@@ -186,10 +191,6 @@ def _writing(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-STREAM_MEMORY_BYTES = 256 << 20  # DuckDB's memory limit while activations stream in
-STREAM_ROW_GROUP = 2048  # DuckDB's smallest row group
-
-
 class CacheWriter:
     """A cache under construction. Use as a context manager; ``commit()`` moves it into place.
 
@@ -200,11 +201,10 @@ class CacheWriter:
     # While activations stream in (stream=True), one INSERT statement receives them all (see
     # activation_stream.py: DuckDB then writes row groups to the file as they fill and stays
     # near its memory limit for any width and number of images). The database is attached with
-    # DuckDB's smallest row group, so a wide layer's unfinished row group stays small.
-    STREAM_MEMORY_BYTES = STREAM_MEMORY_BYTES
+    # DuckDB's smallest row group, so a wide layer's unfinished row group stays small
+    # (activation_stream.connect_for_stream).
     INGEST_BYTES = 16 << 20  # one slice of a rank's shard in memory at a time
     STREAM_BIG_INSERT = 16 << 20  # other inserts at least this large end the transaction
-    STREAM_ROW_GROUP = STREAM_ROW_GROUP
 
     def __init__(self, final_path: Path, base: Path | None = None, *, stream: bool = False) -> None:
         """``stream``: activations are appended (``append_activations``) while the images stage runs,
@@ -241,17 +241,7 @@ class CacheWriter:
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if not self.stream:
             return duckdb.connect(str(self.tmp_path))
-        con = duckdb.connect(":memory:")
-        try:
-            # spill beside the file (as a file database would), where cleanup looks for it
-            con.execute("SET temp_directory = ?", [str(self.tmp_path) + ".tmp"])
-            con.execute(f"SET memory_limit = '{self.STREAM_MEMORY_BYTES >> 20}MB'")
-            con.execute(f"ATTACH ? AS cache (ROW_GROUP_SIZE {self.STREAM_ROW_GROUP})", [str(self.tmp_path)])
-            con.execute("USE cache")
-        except BaseException:
-            con.close()
-            raise
-        return con
+        return connect_for_stream(self.tmp_path, "cache")
 
     @_writing
     def _start(self, base: Path | None) -> None:
@@ -281,9 +271,7 @@ class CacheWriter:
         """Activations of some images, as the images stage produces them (``stream=True``)."""
         if not self.stream or self._stream_ended:
             raise CacheError("activations can only be appended to a streamed build before end_stream")
-        if self._activations is None:
-            self._activations = ActivationStream(self.con)
-        self._activations.put(layer, image_ids, acts)
+        self._stream().put(layer, image_ids, acts)
 
     @_writing
     def end_stream(self) -> None:
@@ -316,11 +304,15 @@ class CacheWriter:
             rows = max(1, self.INGEST_BYTES // (4 * width))
             reader = src.sql("SELECT layer, image_id, acts FROM activation_rows").to_arrow_reader(rows)
             for batch in reader:
-                if self._activations is None:
-                    self._activations = ActivationStream(self.con)
-                self._activations.put_batch(batch)
+                self._stream().put_batch(batch)
         finally:
             src.close()
+
+    def _stream(self) -> ActivationStream:
+        """The running activations INSERT, started by the first rows."""
+        if self._activations is None:
+            self._activations = ActivationStream(self.con)
+        return self._activations
 
     def failure(self, exc: BaseException) -> str:
         """One line for an error while building the cache (a full disk is said plainly)."""
