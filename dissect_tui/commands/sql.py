@@ -379,8 +379,8 @@ def _print_lines(
 
     name_w = max(cell_len(n) for n in names)
     value_w = None if width is None else max(READABLE, width - name_w - 2)
+    dash = _rule_char(console)
     for k, (row, values) in enumerate(zip(rows, cells, strict=True), 1):
-        dash = _rule_char(console)
         rule = f"{dash * 2} row {k} "
         console.print(
             rule + dash * max(0, min(width or 40, 40) - cell_len(rule)),
